@@ -1,0 +1,92 @@
+"""Command line: `cmb-workflow run IN OUT`, and the tools around it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+
+def _add_run_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="detect microbleeds in every SWI / T2*-GRE image of a folder",
+        description="Detect cerebral microbleeds in every SWI or T2*-GRE image of IN and write "
+                    "probability maps, lesion label maps and lesion tables in each image's own "
+                    "(native) space to OUT, BIDS-Derivatives style, plus OUT/cmb_summary.tsv. "
+                    "Re-running with the same work directory resumes where it stopped.")
+    parser.add_argument("in_dir", metavar="IN", help="BIDS-like folder: sub-<label>/[ses-<label>/]"
+                        "anat/*_swi.nii.gz or *_T2starw.nii.gz")
+    parser.add_argument("out_dir", metavar="OUT", help="output folder (a BIDS derivatives dataset)")
+    parser.add_argument("--models", metavar="JSON",
+                        help="model_info*.json of a SHIVA-CMB ensemble (.h5 or SavedModel); "
+                             "default: the bundled demo model, for synthetic data only")
+    parser.add_argument("--config", metavar="YAML",
+                        help="settings overriding cmb_workflow/configs/default.yml")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="intermediate files; the same folder resumes a run (default OUT/work)")
+    parser.add_argument("--plugin", help="Nipype plugin: Linear, MultiProc (default), ...")
+    parser.add_argument("--nprocs", type=int, help="processes for MultiProc (default: all cores)")
+    parser.add_argument("--threshold", type=float,
+                        help="probability above which a voxel is lesion (default 0.5)")
+    parser.add_argument("--participant-label", nargs="+", metavar="LABEL",
+                        help="process only these subjects (with or without 'sub-')")
+    parser.add_argument("--session-label", nargs="+", metavar="LABEL",
+                        help="process only these sessions (with or without 'ses-')")
+    parser.add_argument("--input-type", choices=["bids", "standard"],
+                        help="bids (default) or SHiVAi's standard layout IN/<subject>/swi/<file>")
+    parser.add_argument("--masks-dir", metavar="DIR",
+                        help="derivatives folder with sub-*/[ses-*/]anat/*_desc-brain_mask.nii.gz")
+    parser.add_argument("--echo", type=int, help="echo of multi-echo data to use (default 1)")
+    parser.add_argument("--allow-unverified-models", action="store_true", default=None,
+                        help="load model files whose md5 does not match their descriptor. Model "
+                             "files execute code: only for files you trust")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    from .configs import load_config
+    from .runner import run_study
+
+    overrides = {key: getattr(args, key) for key in (
+        "models", "work_dir", "plugin", "nprocs", "threshold", "participant_label",
+        "session_label", "input_type", "masks_dir", "echo", "allow_unverified_models")}
+    config = load_config(args.config, overrides)
+    if not config["models"]:
+        from .demo import demo_model_descriptor
+
+        config["models"] = str(demo_model_descriptor())
+        logging.getLogger("cmb_workflow").warning(
+            "no --models given: using the bundled DEMO model, trained on synthetic phantoms "
+            "only; it is not for real scans")
+    return run_study(args.in_dir, args.out_dir, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmb-workflow",
+        description="Cerebral microbleed detection on SWI / T2*-GRE MRI with SHIVA-CMB models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from .bids import InputError
+    from .configs import ConfigError
+    from .models import ModelError
+
+    try:
+        return args.handler(args)
+    except (InputError, ConfigError, ModelError) as exc:
+        print(f"cmb-workflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

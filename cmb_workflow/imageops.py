@@ -1,0 +1,141 @@
+"""Image helpers shared by the interfaces: loading, grids, resampling, atomic writes.
+
+World coordinates always come from nibabel's affine (scanner RAS, mm). SimpleITK does the
+interpolation because it is multi-threaded and offers the windowed-sinc kernel the SHIVA
+models were trained with; images are handed to it with geometry derived from that same affine
+so no qform/sform ambiguity creeps in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+INTERPOLATORS = {
+    "welch": sitk.sitkWelchWindowedSinc,
+    "bspline": sitk.sitkBSpline,
+    "linear": sitk.sitkLinear,
+    "nearest": sitk.sitkNearestNeighbor,
+}
+
+# ITK works in LPS; nibabel in RAS.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+class ImageError(ValueError):
+    """An input image that cannot be processed; the message names the file and the problem."""
+
+
+def load_volume(path, *, echo: int = 1) -> nib.Nifti1Image:
+    """Load a NIfTI as a 3D float32 image; for 4D (multi-echo) images take echo `echo` (1-based)."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for truncated/foreign files
+        raise ImageError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
+    shape = data.shape
+    if data.ndim == 4:
+        if not 1 <= echo <= shape[3]:
+            raise ImageError(f"{path}: has {shape[3]} volumes, echo {echo} requested")
+        data = data[..., echo - 1]
+    elif data.ndim != 3:
+        raise ImageError(f"{path}: is {data.ndim}D {shape}; a 3D volume (or 4D multi-echo) is needed")
+    if min(data.shape) < 2:
+        raise ImageError(f"{path}: is a single slice {shape}; a 3D volume is needed")
+    data = data.astype(np.float32)
+    return nib.Nifti1Image(data, img.affine)
+
+
+def to_sitk(img: nib.Nifti1Image) -> sitk.Image:
+    """A SimpleITK image with the same voxels and the same world geometry as `img`."""
+    data = np.asarray(img.dataobj)
+    # SimpleITK indexes arrays as [z, y, x].
+    out = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    linear = img.affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = _RAS_TO_LPS @ (linear / spacing)
+    out.SetSpacing([float(s) for s in spacing])
+    out.SetDirection([float(d) for d in direction.ravel()])
+    out.SetOrigin([float(o) for o in _RAS_TO_LPS @ img.affine[:3, 3]])
+    return out
+
+
+def resample(img: nib.Nifti1Image, shape, affine, interpolation: str, *, clamp: bool = False,
+             dtype=np.float32) -> nib.Nifti1Image:
+    """Resample `img` onto the grid (shape, affine); zero outside the source field of view."""
+    reference = to_sitk(nib.Nifti1Image(np.zeros(tuple(shape), dtype=np.uint8), affine))
+    source = to_sitk(img)
+    resampled = sitk.Resample(source, reference, sitk.Transform(), INTERPOLATORS[interpolation],
+                              0.0, sitk.sitkFloat32)
+    data = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+    if clamp:
+        # Sinc and B-spline kernels ring at edges; keep the input's intensity range as SHiVAi does.
+        source_data = np.asarray(img.dataobj)
+        data = np.clip(data, source_data.min(), source_data.max())
+    return nib.Nifti1Image(data.astype(dtype), affine)
+
+
+def conformed_grid(img: nib.Nifti1Image, voxel_size: float = 1.0):
+    """An axis-aligned RAS grid of `voxel_size` mm covering the image's whole field of view.
+
+    Its affine is a pure scaling plus translation in scanner coordinates, so world positions
+    (and lesion coordinates computed on it) are those of the input.
+    """
+    shape = np.array(img.shape[:3])
+    # Corners of the field of view: voxel centres ± half a voxel.
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(3, -1)
+    world = img.affine[:3, :3] @ corners + img.affine[:3, 3:4]
+    low = np.floor(world.min(axis=1) / voxel_size) * voxel_size
+    high = np.ceil(world.max(axis=1) / voxel_size) * voxel_size
+    out_shape = tuple(int(n) for n in np.round((high - low) / voxel_size))
+    affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
+    affine[:3, 3] = low + voxel_size / 2
+    return out_shape, affine
+
+
+def save_atomic(img: nib.Nifti1Image, path) -> Path:
+    """Write a NIfTI under a temporary name in the target folder, then rename it into place."""
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    with _temporary_sibling(path, suffix) as tmp:
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+        nib.save(img, tmp)
+    return path
+
+
+def write_text_atomic(text: str, path) -> Path:
+    path = Path(path)
+    with _temporary_sibling(path, path.suffix) as tmp:
+        Path(tmp).write_text(text)
+    return path
+
+
+def copy_atomic(source, path) -> Path:
+    path = Path(path)
+    with _temporary_sibling(path, "".join(path.suffixes)) as tmp:
+        shutil.copyfile(source, tmp)
+    return path
+
+
+@contextlib.contextmanager
+def _temporary_sibling(path: Path, suffix: str):
+    """Yield a temporary file name beside `path`; rename it onto `path` only on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Nipype interfaces: one image-processing step each, with input and output specs."""

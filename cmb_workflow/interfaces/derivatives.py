@@ -1,0 +1,74 @@
+"""Write one image's results into the BIDS-Derivatives output folder, atomically."""
+
+import json
+from pathlib import Path
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface,
+                                    TraitedSpec, traits)
+
+from ..imageops import copy_atomic, write_text_atomic
+from .lesions import LESION_COLUMNS
+
+LESION_SIDECAR = {
+    "label": {"Description": "Lesion number; equals the voxel value in the desc-cmb_dseg map"},
+    "x": {"Description": "Centroid, scanner RAS x", "Units": "mm"},
+    "y": {"Description": "Centroid, scanner RAS y", "Units": "mm"},
+    "z": {"Description": "Centroid, scanner RAS z", "Units": "mm"},
+    "volume_mm3": {"Description": "Lesion volume on the 1 mm analysis grid", "Units": "mm^3"},
+    "max_prob": {"Description": "Highest ensemble probability inside the lesion"},
+    "mean_prob": {"Description": "Mean ensemble probability inside the lesion"},
+}
+
+
+class WriteDerivativesInputSpec(BaseInterfaceInputSpec):
+    out_dir = Directory(mandatory=True, desc="root of the derivatives dataset")
+    relative_prefix = traits.Str(mandatory=True,
+                                 desc="e.g. sub-01/ses-1/anat/sub-01_ses-1; validated labels only")
+    source_file = File(exists=True, mandatory=True, desc="raw input image")
+    probability = File(exists=True, mandatory=True)
+    labels = File(exists=True, mandatory=True)
+    brain_mask = File(exists=True, mandatory=True)
+    lesion_table = File(exists=True, mandatory=True, desc="JSON rows from LabelLesions")
+    settings = traits.Dict(desc="settings recorded in the sidecars (threshold, model, ...)")
+
+
+class WriteDerivativesOutputSpec(TraitedSpec):
+    out_files = traits.List(File(exists=True))
+    n_lesions = traits.Int()
+
+
+class WriteDerivatives(SimpleInterface):
+    input_spec = WriteDerivativesInputSpec
+    output_spec = WriteDerivativesOutputSpec
+
+    def _run_interface(self, runtime):
+        root = Path(self.inputs.out_dir).resolve()
+        prefix = (root / self.inputs.relative_prefix).resolve()
+        if root not in prefix.parents:
+            raise ValueError(f"output prefix {self.inputs.relative_prefix!r} leaves {root}")
+        written = []
+
+        def target(suffix):
+            path = prefix.parent / f"{prefix.name}_{suffix}"
+            written.append(str(path))
+            return path
+
+        for source, suffix in ((self.inputs.probability, "desc-cmb_probseg.nii.gz"),
+                               (self.inputs.labels, "desc-cmb_dseg.nii.gz"),
+                               (self.inputs.brain_mask, "desc-brain_mask.nii.gz")):
+            copy_atomic(source, target(suffix))
+
+        sources = [f"bids:raw:{Path(self.inputs.source_file).name}"]
+        settings = dict(self.inputs.settings) if self.inputs.settings else {}
+        write_text_atomic(json.dumps({"Sources": sources, **settings}, indent=2) + "\n",
+                          target("desc-cmb_probseg.json"))
+
+        rows = json.loads(Path(self.inputs.lesion_table).read_text())
+        lines = ["\t".join(LESION_COLUMNS)]
+        lines += ["\t".join(str(row[column]) for column in LESION_COLUMNS) for row in rows]
+        write_text_atomic("\n".join(lines) + "\n", target("desc-cmb_lesions.tsv"))
+        write_text_atomic(json.dumps(LESION_SIDECAR, indent=2) + "\n",
+                          target("desc-cmb_lesions.json"))
+
+        self._results.update(out_files=written, n_lesions=len(rows))
+        return runtime

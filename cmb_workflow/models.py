@@ -1,0 +1,219 @@
+"""SHIVA model descriptors (model_info*.json), checksum verification and ensemble loading.
+
+Model files are code: Keras-2 `.h5` files carry Lambda layers whose Python bytecode runs when
+they are loaded. Every file is therefore checked against the md5 in its descriptor before
+TensorFlow is even imported, and unsafe deserialisation is allowed only for files that passed
+(or when the user explicitly asked for unverified loading).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LOGGER = logging.getLogger("cmb_workflow.models")
+
+# The modalities this tool can feed a model; the SHIVA CMB models serve SWI and T2*-GRE alike.
+PROVIDED_MODALITIES = {"swi", "t2s", "t2star", "t2starw", "gre"}
+
+
+class ModelError(RuntimeError):
+    """A model descriptor or model file that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    md5: str | None
+
+
+@dataclass(frozen=True)
+class ModelDescriptor:
+    json_path: Path
+    target: str
+    modalities: tuple[str, ...]
+    version: str
+    files: tuple[ModelFile, ...]
+    info: dict = field(compare=False, hash=False)
+
+
+def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescriptor:
+    json_path = Path(json_path).resolve()
+    try:
+        info = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{json_path}: not a readable model descriptor ({exc})") from exc
+    entries = info.get("files")
+    if not isinstance(entries, list) or not entries:
+        raise ModelError(f"{json_path}: descriptor lists no model files ('files')")
+    target = str(info.get("target", "")).lower()
+    if expected_target and target and expected_target not in target.replace(" ", "_"):
+        raise ModelError(f"{json_path}: descriptor target is {info.get('target')!r}, "
+                         f"a {expected_target.upper()} model is needed")
+    modalities = tuple(str(m).lower() for m in info.get("modalities", ["swi"]))
+    if not set(modalities) <= PROVIDED_MODALITIES:
+        raise ModelError(f"{json_path}: model needs modalities {list(modalities)}; this tool "
+                         f"provides only SWI / T2*-GRE (one channel)")
+    files = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ModelError(f"{json_path}: each entry of 'files' needs a 'name'")
+        files.append(ModelFile(_resolve(json_path, entry["name"]), entry.get("md5")))
+    return ModelDescriptor(json_path, target, modalities, str(info.get("version", "")),
+                           tuple(files), info)
+
+
+def _resolve(json_path: Path, name: str) -> Path:
+    """File names are relative to the JSON folder; v2 releases prefix the folder's own name."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ModelError(f"{json_path}: model file name {name!r} must be a relative path "
+                         "inside the descriptor's folder")
+    folder = json_path.parent
+    candidate = folder / relative
+    if not candidate.exists() and relative.parts and relative.parts[0] == folder.name:
+        candidate = folder.parent / relative
+    if not candidate.exists():
+        raise ModelError(f"{json_path}: model file {name!r} not found (looked in {folder})")
+    return candidate
+
+
+def md5sum(path: Path) -> str:
+    """md5 of a file's bytes; for a directory, one md5 over every file in sorted path order."""
+    digest = hashlib.md5()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(descriptor: ModelDescriptor, *, allow_unverified: bool = False) -> None:
+    """Check every file's md5 before anything is loaded; refuse mismatches unless allowed."""
+    for model_file in descriptor.files:
+        actual = md5sum(model_file.path)
+        if model_file.md5 and actual == model_file.md5.lower():
+            continue
+        problem = (f"{model_file.path}: md5 {actual} does not match the descriptor's "
+                   f"{model_file.md5}" if model_file.md5 else
+                   f"{model_file.path}: descriptor gives no md5")
+        if not allow_unverified:
+            raise ModelError(f"{problem}; refusing to load it (model files execute code). "
+                             "Use --allow-unverified-models only for files you trust.")
+        LOGGER.warning("%s; loading it anyway because unverified models were allowed", problem)
+
+
+def import_tensorflow():
+    # Keras-2 .h5 files need tf_keras; the switch must be set before TensorFlow is imported.
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def _float32_config(config):
+    """The model config with every mixed_float16 policy replaced by float32.
+
+    CPUs have no float16 kernels for 3D pooling, so mixed-precision models are rebuilt in float32.
+    """
+    if isinstance(config, dict):
+        if config.get("class_name") in ("Policy", "DTypePolicy") and \
+                config.get("config", {}).get("name", "").startswith("mixed_"):
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_config(item) for item in config]
+    if isinstance(config, str) and config.startswith("mixed_"):
+        return "float32"
+    return config
+
+
+def _load_h5(path: Path):
+    import h5py
+    tf = import_tensorflow()
+    import tf_keras
+    from tf_keras.src.saving import serialization_lib
+
+    with h5py.File(path, "r") as handle:
+        raw = handle.attrs.get("model_config")
+    if raw is None:
+        raise ModelError(f"{path}: HDF5 file holds no Keras model config")
+    config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    # Lambda layers are Python bytecode; load_ensemble reaches here only for verified files
+    # (or files the user explicitly allowed), so their deserialisation is permitted.
+    with serialization_lib.SafeModeScope(safe_mode=False):
+        try:
+            model = tf_keras.models.model_from_json(json.dumps(_float32_config(config)),
+                                                    custom_objects={"tf": tf})
+        except ValueError as exc:
+            raise ModelError(f"{path}: cannot rebuild the model ({exc})") from exc
+    model.load_weights(str(path))
+    return lambda batch: model(batch, training=False).numpy()
+
+
+def _load_savedmodel(path: Path):
+    tf = import_tensorflow()
+    loaded = tf.saved_model.load(str(path))
+    if not hasattr(loaded, "serve"):
+        raise ModelError(f"{path}: SavedModel has no 'serve' endpoint")
+    serve = loaded.serve
+
+    def predict(batch):
+        try:
+            return np.asarray(serve(tf.constant(batch, dtype=tf.float32)))
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+            raise ModelError(f"{path}: SavedModel failed to run ({str(exc).splitlines()[0]}); "
+                             "models exported under mixed_float16 need a GPU") from exc
+    predict.keep_alive = loaded  # the endpoint needs its SavedModel object alive
+    return predict
+
+
+class Ensemble:
+    """The folds of one descriptor; predictions are the mean of the folds."""
+
+    def __init__(self, descriptor: ModelDescriptor, folds):
+        self.descriptor = descriptor
+        self.folds = folds
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """batch: (N, X, Y, Z, 1) float32 in [0, 1] -> (N, X, Y, Z) mean probability."""
+        total = np.zeros(batch.shape[:4], dtype=np.float64)
+        for fold in self.folds:
+            # One image at a time bounds memory; the folds see exactly the same input.
+            for index in range(batch.shape[0]):
+                total[index] += np.asarray(fold(batch[index:index + 1]), dtype=np.float64)[0, ..., 0]
+        return (total / len(self.folds)).astype(np.float32)
+
+
+_ENSEMBLES: dict[tuple, Ensemble] = {}
+
+
+def load_ensemble(json_path, *, allow_unverified: bool = False,
+                  expected_target: str = "cmb") -> Ensemble:
+    """Verify and load the folds of a descriptor, once per process."""
+    descriptor = read_descriptor(json_path, expected_target=expected_target)
+    key = (descriptor.json_path, tuple((f.path, f.md5) for f in descriptor.files),
+           allow_unverified)
+    if key in _ENSEMBLES:
+        return _ENSEMBLES[key]
+    verify(descriptor, allow_unverified=allow_unverified)
+    folds = []
+    for model_file in descriptor.files:
+        if model_file.path.is_dir():
+            folds.append(_load_savedmodel(model_file.path))
+        elif model_file.path.suffix in (".h5", ".hdf5"):
+            folds.append(_load_h5(model_file.path))
+        else:
+            raise ModelError(f"{model_file.path}: unknown model format (expected .h5 or a "
+                             "SavedModel directory)")
+        LOGGER.info("loaded model fold %s", model_file.path)
+    _ENSEMBLES[key] = ensemble = Ensemble(descriptor, folds)
+    return ensemble

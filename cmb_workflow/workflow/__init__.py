@@ -1,0 +1,1 @@
+"""Nipype workflows: they only wire the interfaces of cmb_workflow.interfaces."""

@@ -1,0 +1,105 @@
+"""Model descriptors, checksums and the two released formats."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cmb_workflow.models import ModelError, load_ensemble, md5sum, read_descriptor
+
+
+def blob_volume():
+    volume = np.full((1, 160, 214, 176, 1), 0.6, np.float32)
+    volume[0, 77:84, 97:104, 87:94, 0] = 0.05
+    return volume
+
+
+def test_h5_and_savedmodel_of_the_same_network_give_the_same_map(h5_models, savedmodel_models):
+    volume = blob_volume()
+    from_h5 = load_ensemble(h5_models).predict(volume)
+    from_savedmodel = load_ensemble(savedmodel_models).predict(volume)
+    assert from_h5.shape == (1, 160, 214, 176)
+    # The blob is found, the flat background is not.
+    assert from_h5[0, 80, 100, 90] > 0.9 and from_h5[0, 20, 20, 20] < 0.05
+    np.testing.assert_allclose(from_h5, from_savedmodel, atol=1e-5)
+
+
+def test_mixed_float16_h5_is_rebuilt_in_float32(h5_models):
+    import h5py
+
+    first = read_descriptor(h5_models).files[0].path
+    with h5py.File(first) as handle:
+        assert "mixed_float16" in str(handle.attrs["model_config"])
+    ensemble = load_ensemble(h5_models)
+    assert len(ensemble.folds) == 2
+
+
+def test_v2_names_starting_with_the_model_folder_resolve(savedmodel_models):
+    info = json.loads(savedmodel_models.read_text())
+    assert info["files"][0]["name"].startswith("SWI-CMB/")
+    descriptor = read_descriptor(savedmodel_models)
+    assert all(f.path.is_dir() for f in descriptor.files)
+
+
+def test_directory_checksum_is_md5_of_all_files_in_sorted_order(savedmodel_models):
+    folder = read_descriptor(savedmodel_models).files[0].path
+    digest = hashlib.md5()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.read_bytes())
+    assert md5sum(folder) == digest.hexdigest()
+
+
+def tampered_copy(descriptor_path):
+    """The same descriptor with a wrong md5 for the first fold, beside the models."""
+    info = json.loads(descriptor_path.read_text())
+    info["files"][0]["md5"] = "0" * 32
+    copy = descriptor_path.parent / "model_info_tampered.json"
+    copy.write_text(json.dumps(info))
+    return copy
+
+
+def test_wrong_checksum_is_refused_before_tensorflow_is_imported(h5_models):
+    tampered = tampered_copy(h5_models)
+    script = (
+        "import sys\n"
+        "from cmb_workflow.models import load_ensemble, ModelError\n"
+        f"try:\n    load_ensemble({str(tampered)!r})\n"
+        "except ModelError as exc:\n    print('REFUSED', exc)\n"
+        "print('TF_IMPORTED', 'tensorflow' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert "REFUSED" in result.stdout and "does not match" in result.stdout
+    assert "fold0.h5" in result.stdout
+    assert "TF_IMPORTED False" in result.stdout
+
+
+def test_unverified_model_loads_only_with_the_explicit_flag(h5_models, caplog):
+    tampered = tampered_copy(h5_models)
+    with pytest.raises(ModelError, match="allow-unverified-models"):
+        load_ensemble(tampered)
+    ensemble = load_ensemble(tampered, allow_unverified=True)
+    assert ensemble.predict(blob_volume())[0, 80, 100, 90] > 0.9
+    assert "loading it anyway" in caplog.text
+
+
+def test_descriptor_for_other_modalities_is_refused(tmp_path):
+    (tmp_path / "m.h5").write_bytes(b"x")
+    descriptor = tmp_path / "model_info.json"
+    descriptor.write_text(json.dumps({"target": "PVS", "modalities": ["t1", "flair"],
+                                      "files": [{"name": "m.h5", "md5": "x"}]}))
+    with pytest.raises(ModelError, match="target is 'PVS'"):
+        read_descriptor(descriptor)
+    descriptor.write_text(json.dumps({"target": "CMB", "modalities": ["t1", "flair"],
+                                      "files": [{"name": "m.h5", "md5": "x"}]}))
+    with pytest.raises(ModelError, match="provides only SWI"):
+        read_descriptor(descriptor)
+
+
+def test_model_file_names_cannot_leave_the_descriptor_folder(tmp_path):
+    descriptor = tmp_path / "model_info.json"
+    descriptor.write_text(json.dumps({"files": [{"name": "../evil.h5", "md5": "x"}]}))
+    with pytest.raises(ModelError, match="relative path"):
+        read_descriptor(descriptor)
