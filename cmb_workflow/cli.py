@@ -70,7 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(subparsers)
+    _add_tool_parser(subparsers, "demo", "demo",
+                     "generate phantoms, run the whole pipeline on them and evaluate the result")
+    _add_tool_parser(subparsers, "phantoms", "synthetic",
+                     "write a BIDS-like dataset of synthetic heads with known microbleeds")
+    _add_tool_parser(subparsers, "evaluate", "evaluate",
+                     "lesion-wise metrics (VALDO 5 mm matching) of results against a truth")
     return parser
+
+
+def _add_tool_parser(subparsers, name: str, module: str, summary: str) -> None:
+    """A subcommand whose module provides add_arguments(parser) and run_from_args(args)."""
+    import importlib
+
+    tool = importlib.import_module(f".{module}", __package__)
+    parser = subparsers.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+    tool.add_arguments(parser)
+    parser.set_defaults(handler=tool.run_from_args)
 
 
 def main(argv=None) -> int:

@@ -69,7 +69,7 @@ def build_unet(K, *, input_shape=INPUT_SHAPE, base_filters: int = 10, levels: in
 
 
 def build_dark_spot_detector(K, *, input_shape=INPUT_SHAPE, gain: float = 40.0,
-                             min_contrast: float = 0.15, max_darkness: float = 0.3,
+                             min_contrast: float = 0.15, max_darkness: float = 0.15,
                              name: str = "dark_spot_detector"):
     """A hand-weighted network marking small dark spots, so tests get a model that really
     detects blobs without training.
@@ -136,3 +136,19 @@ def build_with_policy(K, builder, *, mixed_precision: bool, **kwargs):
         return builder(K, **kwargs)
     finally:
         K.mixed_precision.set_global_policy("float32")
+
+
+def build_detector_ensemble(folder: Path, fmt: str, *, folds: int = 2, **fields) -> Path:
+    """A small ensemble of dark-spot detectors in one released format, with its descriptor.
+
+    v1 (.h5) folds are saved under mixed_float16 like the public release; v2 names its files
+    from the folder above ("SWI-CMB/...") like the public release.
+    """
+    K = keras_module(fmt)
+    paths = []
+    for fold in range(folds):
+        model = build_with_policy(K, build_dark_spot_detector, mixed_precision=(fmt == "h5"),
+                                  gain=40.0 + fold)
+        paths.append(save_fold(model, folder, f"fold{fold}", fmt))
+    return write_descriptor(folder, paths, json_name=f"model_info_{fmt}.json",
+                            names_relative_to=folder.parent if fmt != "h5" else None, **fields)

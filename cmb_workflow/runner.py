@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from . import __version__
@@ -66,7 +67,8 @@ def run_study(in_dir, out_dir, config: dict) -> int:
 def _plugin_args(config: dict) -> dict:
     if config["plugin"] != "MultiProc":
         return {}
-    args = {"n_procs": config["nprocs"] or os.cpu_count() or 1}
+    # forkserver: workers must not inherit a parent that has TensorFlow loaded (fork deadlocks).
+    args = {"n_procs": config["nprocs"] or os.cpu_count() or 1, "mp_context": "forkserver"}
     if config["memory_gb"]:
         args["memory_gb"] = config["memory_gb"]
     return args
@@ -75,16 +77,20 @@ def _plugin_args(config: dict) -> dict:
 def _configure_nipype(work_dir: Path, crash_dir: Path, log_dir: Path) -> None:
     from nipype import config as nipype_config, logging as nipype_logging
 
-    log_dir.mkdir(parents=True, exist_ok=True)
     nipype_config.update_config({
         "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
                       # Content hashes make a re-run resume even after files were copied.
                       "hash_method": "content", "stop_on_first_crash": False,
                       "remove_unnecessary_outputs": False},
-        "logging": {"log_directory": str(log_dir), "log_to_file": True},
         "monitoring": {"enabled": False},
     })
     nipype_logging.update_logging(nipype_config)
+    # A plain handler: Nipype's own log file uses a lock that forked MultiProc workers break.
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / f"cmb-workflow_{time.strftime('%Y%m%d-%H%M%S')}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    for name in ("cmb_workflow", "nipype.workflow"):
+        logging.getLogger(name).addHandler(handler)
 
 
 def _write_dataset_description(out_dir: Path, descriptor) -> None:

@@ -4,7 +4,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from helpers import build_detector_ensemble  # noqa: E402
+from cmb_workflow.networks import build_detector_ensemble  # noqa: E402
 
 
 @pytest.fixture(scope="session")

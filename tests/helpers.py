@@ -52,17 +52,3 @@ def save(img, path: Path) -> Path:
     img.set_sform(img.affine, code=1)
     nib.save(img, str(path))
     return path
-
-
-def build_detector_ensemble(folder: Path, fmt: str, *, folds: int = 2) -> Path:
-    """A 2-fold ensemble of the hand-weighted dark-spot detector in one released format."""
-    from cmb_workflow import networks
-
-    K = networks.keras_module(fmt)
-    paths = []
-    for fold in range(folds):
-        model = networks.build_with_policy(K, networks.build_dark_spot_detector,
-                                           mixed_precision=(fmt == "h5"), gain=40.0 + fold)
-        paths.append(networks.save_fold(model, folder, f"fold{fold}", fmt))
-    return networks.write_descriptor(folder, paths, json_name=f"model_info_{fmt}.json",
-                                     names_relative_to=folder.parent if fmt != "h5" else None)

@@ -29,28 +29,27 @@ class LabelLesionsOutputSpec(TraitedSpec):
 
 def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
                   connectivity: int, min_size: int):
-    """Labels 1..N ordered by descending volume (ties: position), and one row per lesion."""
+    """Labels 1..N ordered by descending volume (ties: scan order), and one row per lesion."""
     structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
     components, count = ndimage.label(probability > threshold, structure)
-    index = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(np.ones_like(probability), components, index)
-    kept = index[sizes >= min_size]
-    # Stable order (largest first) so labels do not depend on scan direction quirks.
-    kept = sorted(kept, key=lambda k: (-sizes[k - 1], k))
-    labels = np.zeros(probability.shape, dtype=np.int16)
-    rows = []
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    kept = np.nonzero(sizes[1:] >= min_size)[0] + 1
+    kept = kept[np.lexsort((kept, -sizes[kept]))]
+    lookup = np.zeros(count + 1, dtype=np.int32)
+    lookup[kept] = np.arange(1, len(kept) + 1)
+    labels = lookup[components]
+    if not len(kept):
+        return labels, []
     voxel_volume = float(abs(np.linalg.det(affine[:3, :3])))
-    for new_label, old_label in enumerate(kept, start=1):
-        voxels = components == old_label
-        labels[voxels] = new_label
-        centre = np.array(ndimage.center_of_mass(voxels))
-        x, y, z = affine[:3, :3] @ centre + affine[:3, 3]
-        values = probability[voxels]
-        rows.append({"label": new_label, "x": round(float(x), 2), "y": round(float(y), 2),
-                     "z": round(float(z), 2),
-                     "volume_mm3": round(float(voxels.sum() * voxel_volume), 2),
-                     "max_prob": round(float(values.max()), 4),
-                     "mean_prob": round(float(values.mean()), 4)})
+    centres = np.array(ndimage.center_of_mass(probability > threshold, components, kept))
+    world = centres @ affine[:3, :3].T + affine[:3, 3]
+    maxima = ndimage.maximum(probability, components, kept)
+    means = ndimage.mean(probability, components, kept)
+    rows = [{"label": new_label, "x": round(float(x), 2), "y": round(float(y), 2),
+             "z": round(float(z), 2), "volume_mm3": round(float(sizes[old] * voxel_volume), 2),
+             "max_prob": round(float(peak), 4), "mean_prob": round(float(mean), 4)}
+            for new_label, (old, (x, y, z), peak, mean)
+            in enumerate(zip(kept, world, maxima, means), start=1)]
     return labels, rows
 
 

@@ -20,7 +20,7 @@ class ToNativeInputSpec(BaseInterfaceInputSpec):
 
 class ToNativeOutputSpec(TraitedSpec):
     probability = File(exists=True, desc="probability on the native grid (linear), float32")
-    labels = File(exists=True, desc="lesion labels on the native grid (nearest), int16")
+    labels = File(exists=True, desc="lesion labels on the native grid (nearest), int32")
     brain_mask = File(exists=True, desc="brain mask on the native grid, uint8")
 
 
@@ -29,7 +29,7 @@ def native_labels(labels: nib.Nifti1Image, rows, shape, affine) -> np.ndarray:
 
     That way every row of the lesion table is present in the native label map.
     """
-    native = np.asarray(resample(labels, shape, affine, "nearest").dataobj).astype(np.int16)
+    native = np.asarray(resample(labels, shape, affine, "nearest").dataobj).astype(np.int32)
     present = set(np.unique(native).tolist())
     inverse = np.linalg.inv(affine)
     for row in rows:
