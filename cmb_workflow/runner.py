@@ -116,7 +116,10 @@ def _crash_reasons(crash_dir: Path) -> dict[str, str]:
             continue
         parts = node.group(1).split(".")
         image_name = parts[1] if len(parts) > 2 else parts[0]
-        reasons.setdefault(image_name, _one_line_reason(lines) + f" (crash file: {crash})")
+        if image_name not in reasons:
+            # The crash file's name changes every run: log it, keep the summary deterministic.
+            LOGGER.info("%s: crash details in %s", image_name, crash)
+            reasons[image_name] = _one_line_reason(lines)
     return reasons
 
 
