@@ -128,11 +128,12 @@ def _float32_config(config):
         if config.get("class_name") in ("Policy", "DTypePolicy") and \
                 config.get("config", {}).get("name", "").startswith("mixed_"):
             return {**config, "config": {**config["config"], "name": "float32"}}
-        return {key: _float32_config(value) for key, value in config.items()}
+        # Plain-string policies sit under "dtype"; other strings (layer names) stay as they are.
+        return {key: "float32" if key == "dtype" and isinstance(value, str)
+                and value.startswith("mixed_") else _float32_config(value)
+                for key, value in config.items()}
     if isinstance(config, list):
         return [_float32_config(item) for item in config]
-    if isinstance(config, str) and config.startswith("mixed_"):
-        return "float32"
     return config
 
 

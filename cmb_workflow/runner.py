@@ -90,7 +90,13 @@ def _configure_nipype(work_dir: Path, crash_dir: Path, log_dir: Path) -> None:
     handler = logging.FileHandler(log_dir / f"cmb-workflow_{time.strftime('%Y%m%d-%H%M%S')}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     for name in ("cmb_workflow", "nipype.workflow"):
-        logging.getLogger(name).addHandler(handler)
+        logger = logging.getLogger(name)
+        # One run log at a time, also when several runs share a process (demo, tests).
+        for old in [h for h in logger.handlers if getattr(h, "cmb_run_log", False)]:
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(handler)
+    handler.cmb_run_log = True
 
 
 def _write_dataset_description(out_dir: Path, descriptor) -> None:

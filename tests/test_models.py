@@ -103,3 +103,15 @@ def test_model_file_names_cannot_leave_the_descriptor_folder(tmp_path):
     descriptor.write_text(json.dumps({"files": [{"name": "../evil.h5", "md5": "x"}]}))
     with pytest.raises(ModelError, match="relative path"):
         read_descriptor(descriptor)
+
+
+def test_float32_rebuild_changes_policies_only():
+    from cmb_workflow.models import _float32_config
+
+    config = {"name": "mixed_1", "dtype": "mixed_float16",
+              "layers": [{"dtype": {"class_name": "Policy", "config": {"name": "mixed_float16"}},
+                          "name": "mixed_block"}]}
+    rebuilt = _float32_config(config)
+    assert rebuilt["name"] == "mixed_1" and rebuilt["layers"][0]["name"] == "mixed_block"
+    assert rebuilt["dtype"] == "float32"
+    assert rebuilt["layers"][0]["dtype"]["config"]["name"] == "float32"
