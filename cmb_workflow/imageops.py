@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 INTERPOLATORS = {
     "welch": sitk.sitkWelchWindowedSinc,
@@ -50,6 +51,10 @@ def load_volume(path, *, echo: int = 1) -> nib.Nifti1Image:
         raise ImageError(f"{path}: is {data.ndim}D {shape}; a 3D volume (or 4D multi-echo) is needed")
     if min(data.shape) < 2:
         raise ImageError(f"{path}: is a single slice {shape}; a 3D volume is needed")
+    linear = img.affine[:3, :3]
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(linear)) < 1e-6:
+        raise ImageError(f"{path}: has a degenerate affine (voxel axes "
+                         f"{np.round(linear, 3).tolist()}): cannot be placed in scanner space")
     data = data.astype(np.float32)
     return nib.Nifti1Image(data, img.affine)
 
@@ -81,6 +86,15 @@ def resample(img: nib.Nifti1Image, shape, affine, interpolation: str, *, clamp: 
         source_data = np.asarray(img.dataobj)
         data = np.clip(data, source_data.min(), source_data.max())
     return nib.Nifti1Image(data.astype(dtype), affine)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected part of a binary mask (all False if it is empty)."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return labels > 0
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    return labels == 1 + int(np.argmax(sizes))
 
 
 def conformed_grid(img: nib.Nifti1Image, voxel_size: float = 1.0):
@@ -124,6 +138,13 @@ def copy_atomic(source, path) -> Path:
     with _temporary_sibling(path, "".join(path.suffixes)) as tmp:
         shutil.copyfile(source, tmp)
     return path
+
+
+def remove_stale_temporaries(path) -> None:
+    """Delete temporary siblings of `path` that a killed writer left behind."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*"):
+        stale.unlink()
 
 
 @contextlib.contextmanager

@@ -21,6 +21,8 @@ LOGGER = logging.getLogger("cmb_workflow.models")
 
 # The modalities this tool can feed a model; the SHIVA CMB models serve SWI and T2*-GRE alike.
 PROVIDED_MODALITIES = {"swi", "t2s", "t2star", "t2starw", "gre"}
+# What a descriptor's target may be, as read_descriptor's expected_target, and its name.
+TARGETS = {"cmb": "CMB", "brain_mask": "brain mask"}
 
 
 class ModelError(RuntimeError):
@@ -44,6 +46,7 @@ class ModelDescriptor:
 
 
 def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescriptor:
+    """expected_target: a key of TARGETS; a descriptor that gives another target is refused."""
     json_path = Path(json_path).resolve()
     try:
         info = json.loads(json_path.read_text())
@@ -53,9 +56,9 @@ def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescript
     if not isinstance(entries, list) or not entries:
         raise ModelError(f"{json_path}: descriptor lists no model files ('files')")
     target = str(info.get("target", "")).lower()
-    if expected_target and target and expected_target not in target.replace(" ", "_"):
+    if target and _letters(expected_target) not in _letters(target):
         raise ModelError(f"{json_path}: descriptor target is {info.get('target')!r}, "
-                         f"a {expected_target.upper()} model is needed")
+                         f"a {TARGETS[expected_target]} model is needed")
     modalities = tuple(str(m).lower() for m in info.get("modalities", ["swi"]))
     if not set(modalities) <= PROVIDED_MODALITIES:
         raise ModelError(f"{json_path}: model needs modalities {list(modalities)}; this tool "
@@ -67,6 +70,11 @@ def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescript
         files.append(ModelFile(_resolve(json_path, entry["name"]), entry.get("md5")))
     return ModelDescriptor(json_path, target, modalities, str(info.get("version", "")),
                            tuple(files), info)
+
+
+def _letters(text: str) -> str:
+    """'Brain mask', 'brain_mask', 'BrainMask' -> 'brainmask'."""
+    return "".join(character for character in text.lower() if character.isalnum())
 
 
 def _resolve(json_path: Path, name: str) -> Path:
@@ -157,7 +165,16 @@ def _load_h5(path: Path):
         except ValueError as exc:
             raise ModelError(f"{path}: cannot rebuild the model ({exc})") from exc
     model.load_weights(str(path))
-    return lambda batch: model(batch, training=False).numpy()
+    expected = tuple(model.input_shape[1:])
+
+    def predict(batch):
+        # Keras would say so in a multi-line message that names a layer, not the file.
+        if len(expected) != batch.ndim - 1 or any(
+                size not in (None, actual) for size, actual in zip(expected, batch.shape[1:])):
+            raise ModelError(f"{path}: the model takes inputs of shape {expected}, "
+                             f"the images are {tuple(batch.shape[1:])}")
+        return model(batch, training=False).numpy()
+    return predict
 
 
 def _load_savedmodel(path: Path):

@@ -1,25 +1,32 @@
-"""Brain mask on the conformed grid: a supplied mask brought onto it, or an automatic one."""
+"""Brain mask on the conformed grid: the template's warped onto the image, a supplied mask
+brought onto it, or the whole image."""
 
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    isdefined, traits)
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
+                                    SimpleInterface, TraitedSpec, isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import ImageError, load_volume, resample, to_sitk
+from ..imageops import ImageError, largest_component, load_volume, resample
+from ..registration import mni152, warp_to_subject
 
-# Below this volume a mask cannot be a brain (the smallest adult brains are ~900 mL).
-MIN_BRAIN_ML = 200.0
+# Grown by this much, the template's mask keeps cortical microbleeds that a registration a
+# millimetre or two short of the cortex would cut off.
+TEMPLATE_MASK_DILATION_MM = 1
 
 
 class BrainMaskInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="conformed image")
-    supplied_mask = File(exists=True, desc="brain mask on any grid; used instead of the automatic one")
-    method = traits.Enum("auto", "none", usedefault=True,
-                         desc="without a supplied mask: auto (intensity-based) or none (whole image)")
+    method = traits.Enum("supplied", "template", "none", usedefault=True,
+                         desc="supplied: supplied_mask (its absence is an error); template: the "
+                              "MNI152 brain mask warped with template_transforms, within "
+                              "intensity_mask; none: the whole image")
+    supplied_mask = File(exists=True, desc="brain mask on any grid")
+    template_transforms = InputMultiObject(File(exists=True),
+                                           desc="template -> image transforms (RegisterTemplate)")
+    intensity_mask = File(exists=True, desc="RegisterTemplate's intensity-based mask")
 
 
 class BrainMaskOutputSpec(TraitedSpec):
@@ -32,48 +39,61 @@ class BrainMask(SimpleInterface):
 
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
-        if isdefined(self.inputs.supplied_mask):
-            mask = _supplied_mask(self.inputs.supplied_mask, img)
-        elif self.inputs.method == "none":
-            mask = np.ones(img.shape, dtype=np.uint8)
+        if self.inputs.method == "template":
+            within = np.asarray(nib.load(self.inputs.intensity_mask).dataobj) > 0
+            mask = template_mask(self.inputs.in_file, self.inputs.template_transforms, within)
+        elif self.inputs.method == "supplied":
+            if not isdefined(self.inputs.supplied_mask):
+                raise ImageError("no brain mask was supplied (brain_mask: supplied needs a "
+                                 "*_desc-brain_mask.nii[.gz] beside the image or under "
+                                 "--masks-dir)")
+            mask = supplied_mask(self.inputs.supplied_mask, img)
         else:
-            mask = _automatic_mask(img)
+            mask = np.ones(img.shape, dtype=bool)
         out_file = Path(runtime.cwd) / "brain_mask.nii.gz"
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), img.affine), out_file)
         self._results["out_file"] = str(out_file)
         return runtime
 
 
-def _supplied_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
-    source = load_volume(path)
-    if not np.any(np.asarray(source.dataobj) > 0):
-        raise ImageError(f"{path}: brain mask is empty")
-    # Linear then threshold keeps mask edges smooth when coming from a coarser grid.
-    binary = nib.Nifti1Image((np.asarray(source.dataobj) > 0).astype(np.float32), source.affine)
-    mask = np.asarray(resample(binary, reference.shape, reference.affine, "linear").dataobj) >= 0.5
+def template_mask(image_file, transforms, within: np.ndarray) -> np.ndarray:
+    """The template's brain mask on the image's grid: holes filled, grown, kept within the
+    image's intensity-based mask (dark skull, sinuses and air are not brain), largest part."""
+    warped = np.asarray(warp_to_subject(mni152("brain_mask"), image_file, transforms).dataobj)
+    mask = ndimage.binary_fill_holes(warped >= 0.5)
+    mask = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1),
+                                   iterations=TEMPLATE_MASK_DILATION_MM)
+    mask = largest_component(mask & within)
     if not mask.any():
-        raise ImageError(f"{path}: brain mask does not overlap the image")
+        raise ImageError(f"{image_file}: the registered template brain lies outside the image")
     return mask
 
 
-def _automatic_mask(img: nib.Nifti1Image) -> np.ndarray:
-    """Otsu foreground, opened to cut the brain off skull and scalp, largest central component.
+def mask_quality(mask: np.ndarray, zooms) -> dict:
+    """Brain volume, and the share of the mask's surface lying on the field of view's edge
+    (a brain cut off by the field of view, or a mask leaking to it), by face area in mm^2."""
+    zooms = np.asarray(zooms[:3], dtype=float)
+    surface = edge = 0.0
+    for axis in range(3):
+        face_mm2 = np.prod(zooms) / zooms[axis]
+        padded = np.pad(mask, [(1, 1) if a == axis else (0, 0) for a in range(3)])
+        surface += face_mm2 * np.count_nonzero(np.diff(padded, axis=axis))
+        edge += face_mm2 * (np.count_nonzero(mask.take(0, axis=axis))
+                            + np.count_nonzero(mask.take(-1, axis=axis)))
+    return {"brain_volume_ml": round(float(mask.sum() * np.prod(zooms) / 1000.0), 1),
+            "mask_fov_edge_fraction": round(float(edge / surface), 4) if surface else 0.0}
 
-    A first robust version: it needs no weights and no registration.
-    """
-    smoothed = sitk.SmoothingRecursiveGaussian(to_sitk(img), 1.0)
-    foreground = sitk.GetArrayFromImage(sitk.OtsuThreshold(smoothed, 0, 1)).transpose(2, 1, 0) > 0
-    ball = ndimage.generate_binary_structure(3, 1)
-    core = ndimage.binary_erosion(foreground, ball, iterations=4)
-    labels, count = ndimage.label(core)
-    if count == 0:
-        raise ImageError("automatic brain mask found no foreground")
-    sizes = ndimage.sum_labels(core, labels, index=np.arange(1, count + 1))
-    mask = labels == (1 + int(np.argmax(sizes)))
-    # Grow back only through foreground (geodesically), so thin dark skull is never jumped.
-    mask = ndimage.binary_dilation(mask, ball, iterations=4, mask=foreground)
-    mask = ndimage.binary_closing(mask, ball, iterations=3)
-    mask = ndimage.binary_fill_holes(mask)
-    if mask.sum() * np.prod(img.header.get_zooms()[:3]) / 1000.0 < MIN_BRAIN_ML:
-        raise ImageError(f"automatic brain mask is implausibly small ({mask.sum()} voxels)")
+
+def supplied_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
+    """A mask on any grid brought onto the reference grid; refused when empty or elsewhere."""
+    source = load_volume(path)
+    inside = np.asarray(source.dataobj) > 0
+    if not inside.any():
+        raise ImageError(f"{path}: brain mask is empty (no voxel above 0)")
+    # Linear then threshold keeps mask edges smooth when coming from a coarser grid.
+    binary = nib.Nifti1Image(inside.astype(np.float32), source.affine)
+    mask = np.asarray(resample(binary, reference.shape, reference.affine, "linear").dataobj) >= 0.5
+    if not mask.any():
+        raise ImageError(f"{path}: brain mask does not overlap the image (it lies elsewhere in "
+                         "scanner space)")
     return mask

@@ -8,6 +8,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec)
 
 from ..imageops import resample
+from .brainmask import mask_quality
 
 
 class ToNativeInputSpec(BaseInterfaceInputSpec):
@@ -22,6 +23,7 @@ class ToNativeOutputSpec(TraitedSpec):
     probability = File(exists=True, desc="probability on the native grid (linear), float32")
     labels = File(exists=True, desc="lesion labels on the native grid (nearest), int32")
     brain_mask = File(exists=True, desc="brain mask on the native grid, uint8")
+    brain_mask_quality = File(exists=True, desc="JSON: the native mask's brainmask.mask_quality")
 
 
 def native_labels(labels: nib.Nifti1Image, rows, shape, affine) -> np.ndarray:
@@ -62,8 +64,11 @@ class ToNative(SimpleInterface):
         mask = resample(nib.load(self.inputs.brain_mask), shape, affine, "linear")
         mask = (np.asarray(mask.dataobj) >= 0.5).astype(np.uint8)
         nib.save(nib.Nifti1Image(mask, affine), cwd / "brain_mask.nii.gz")
+        quality = mask_quality(mask > 0, reference.header.get_zooms())
+        (cwd / "brain_mask_quality.json").write_text(json.dumps(quality, indent=2) + "\n")
 
         self._results.update(probability=str(cwd / "probability.nii.gz"),
                              labels=str(cwd / "labels.nii.gz"),
-                             brain_mask=str(cwd / "brain_mask.nii.gz"))
+                             brain_mask=str(cwd / "brain_mask.nii.gz"),
+                             brain_mask_quality=str(cwd / "brain_mask_quality.json"))
         return runtime

@@ -73,15 +73,10 @@ class Atlas:
 
 
 def _load_templates():
-    from nilearn import datasets
+    from ..registration import mni152
 
-    loaders = (datasets.load_mni152_gm_template, datasets.load_mni152_wm_template,
-               datasets.load_mni152_brain_mask)
-    images = [load(resolution=1) for load in loaders]
-    affine = images[0].affine
-    if not np.allclose(affine[:3, :3], np.eye(3)):
-        raise RuntimeError("expected nilearn's 1 mm RAS MNI152 templates")
-    return [img.get_fdata(dtype=np.float32) for img in images], affine[:3, 3]
+    images = [mni152(kind) for kind in ("gm", "wm", "brain_mask")]
+    return [np.asarray(img.dataobj) for img in images], images[0].affine[:3, 3]
 
 
 def _soft_ellipsoid(origin, centre, semi_axes, edge_mm=1.5):

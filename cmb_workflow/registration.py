@@ -1,0 +1,166 @@
+"""The MNI152 2009 template registered to a conformed subject image, and template maps warped
+onto it with that registration (the brain mask now; atlases later).
+
+The template is nilearn's bundled 1 mm MNI152 2009 T1 brain: nothing is downloaded. Its
+contrast is T1's, so the intensity stage uses mutual information, which needs no particular
+relation between the template's and the subject's (SWI / T2*-GRE) grey levels. Mutual
+information alone can settle on a wrong alignment when it starts far off, so an intensity-based
+brain mask of the subject first aligns the template's brain mask to it (a similarity
+transform), and the affine stage then refines that with the image, measured near the brain only.
+
+Registration is deterministic: a fixed seed for ANTs' metric sampling and one ITK thread, so
+that the result does not depend on the machine's core count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .imageops import ImageError, largest_component, to_sitk
+
+# Below this volume an intensity mask cannot be a brain (the smallest adult brains are ~900 mL).
+MIN_BRAIN_ML = 200.0
+# Voxels the intensity mask's morphology sees beyond the field of view (its largest reach).
+FOV_PAD = 8
+# Any fixed value: ANTs draws the points its metric samples from it.
+RANDOM_SEED = 20090
+# Voxel sizes (mm) the two stages work on: coarse masks for the start, finer images after.
+MASK_STAGE_MM = 4.0
+IMAGE_STAGE_MM = 2.0
+# The metric of the image stage sees the intensity mask grown by this much: the brain's edge
+# and a little of what surrounds it, not the scalp and neck that the template lacks.
+METRIC_MARGIN_MM = 5
+TRANSFORM_PREFIX = "template_to_subject_"
+
+_NILEARN_LOADERS = {"t1": "load_mni152_template", "brain_mask": "load_mni152_brain_mask",
+                    "gm": "load_mni152_gm_template", "wm": "load_mni152_wm_template"}
+
+
+@functools.lru_cache(maxsize=None)
+def mni152(kind: str) -> nib.Nifti1Image:
+    """nilearn's bundled 1 mm MNI152 2009 map `kind` (t1, brain_mask, gm, wm), float32, RAS.
+
+    Cached and shared, so its voxels are read-only.
+    """
+    from nilearn import datasets
+
+    img = getattr(datasets, _NILEARN_LOADERS[kind])(resolution=1)
+    if not np.allclose(img.affine[:3, :3], np.eye(3)):
+        raise RuntimeError("expected nilearn's 1 mm RAS MNI152 templates")
+    data = img.get_fdata(dtype=np.float32)
+    data.flags.writeable = False
+    return nib.Nifti1Image(data, img.affine)
+
+
+def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
+    """Otsu foreground, opened to cut the brain off skull and scalp, largest component.
+
+    A rough mask (it keeps the CSF around the brain): it starts the template registration.
+    """
+    smoothed = sitk.SmoothingRecursiveGaussian(to_sitk(img), 1.0)
+    foreground = sitk.GetArrayFromImage(sitk.OtsuThreshold(smoothed, 0, 1)).transpose(2, 1, 0) > 0
+    # A brain cut off by the field of view goes on beyond it: continuing the image there keeps
+    # the erosions below from eating into the cut face.
+    foreground = np.pad(foreground, FOV_PAD, mode="edge")
+    ball = ndimage.generate_binary_structure(3, 1)
+    mask = largest_component(ndimage.binary_erosion(foreground, ball, iterations=4))
+    if not mask.any():
+        raise ImageError("no head found to start the template registration from (the image's "
+                         "foreground vanishes when opened)")
+    # Grow back only through foreground (geodesically), so thin dark skull is never jumped.
+    mask = ndimage.binary_dilation(mask, ball, iterations=4, mask=foreground)
+    mask = ndimage.binary_closing(mask, ball, iterations=3)
+    mask = ndimage.binary_fill_holes(mask)[(slice(FOV_PAD, -FOV_PAD),) * 3]
+    if mask.sum() * np.prod(img.header.get_zooms()[:3]) / 1000.0 < MIN_BRAIN_ML:
+        raise ImageError(f"no head found to start the template registration from (its largest "
+                         f"bright part is {mask.sum()} voxels, too small for a brain)")
+    return mask
+
+
+@contextlib.contextmanager
+def _ants():
+    """ANTsPy, with ITK on one thread.
+
+    ITK reads its thread count from the environment when a process first uses it, and keeps it.
+    ANTs sums its metric per thread: with two threads, repeated runs here gave different
+    transforms; with one they are identical, on any machine. The variable is set only while
+    ANTsPy works, so that SimpleITK elsewhere in the process keeps its threads.
+    """
+    variable = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+    previous = os.environ.get(variable)
+    os.environ[variable] = "1"
+    try:
+        import ants
+
+        yield ants
+    finally:
+        if previous is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = previous
+
+
+def _to_ants(ants, img: nib.Nifti1Image):
+    """A float32 ANTsPy image of `img`, its units set to mm (ANTsPy prints a warning if unset)."""
+    img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return ants.from_nibabel_nifti(img)
+
+
+def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[str]:
+    """Transforms from the template to a conformed image (1 mm RAS), written in out_dir.
+
+    rough: a rough brain mask of the image (intensity_brain_mask); it starts the registration
+    and bounds where the image is compared. Returns the transforms' paths in the order
+    warp_to_subject (ants.apply_transforms) takes them.
+    """
+    out_dir = Path(out_dir)
+    metric_mask = ndimage.binary_dilation(rough, iterations=METRIC_MARGIN_MM)
+    images = {
+        "subject_mask": (MASK_STAGE_MM, nib.Nifti1Image(rough.astype(np.uint8), img.affine)),
+        "template_mask": (MASK_STAGE_MM, mni152("brain_mask")),
+        "subject": (IMAGE_STAGE_MM, img),
+        "template": (IMAGE_STAGE_MM, mni152("t1")),
+        "metric_mask": (IMAGE_STAGE_MM, nib.Nifti1Image(metric_mask.astype(np.uint8), img.affine)),
+    }
+    prefix = out_dir / TRANSFORM_PREFIX
+    levels = ["--convergence", "[500x250,1e-6,10]", "--shrink-factors", "2x1",
+              "--smoothing-sigmas", "1x0vox"]
+    with _ants() as ants:
+        files = {}
+        for name, (mm, image) in images.items():
+            files[name] = out_dir / f"registration_{name}.nii.gz"
+            resampled = ants.resample_image(_to_ants(ants, image), (mm,) * 3, use_voxels=False,
+                                            interp_type=1 if name == "metric_mask" else 0)
+            ants.image_write(resampled, str(files[name]))
+        ants.registration(fixed=[
+            "--dimensionality", "3", "--float", "1", "--random-seed", str(RANDOM_SEED),
+            "--collapse-output-transforms", "1", "--output", str(prefix),
+            "--initial-moving-transform", f"[{files['subject_mask']},{files['template_mask']},1]",
+            # Masks first: alike images, so the alignment is found from far off.
+            "--transform", "Similarity[0.25]",
+            "--metric", f"MeanSquares[{files['subject_mask']},{files['template_mask']},1,0]",
+            *levels, "--masks", "[NA,NA]",
+            "--transform", "Affine[0.25]",
+            "--metric", f"MI[{files['subject']},{files['template']},1,32,Regular,0.2]",
+            *levels, "--masks", f"[{files['metric_mask']},NA]",
+        ], moving=None)
+    return [f"{prefix}0GenericAffine.mat"]
+
+
+def warp_to_subject(template_map: nib.Nifti1Image, reference_file, transforms,
+                    interpolation: str = "linear") -> nib.Nifti1Image:
+    """A template-space map on the grid of `reference_file` (the registered image)."""
+    reference = nib.load(str(reference_file))
+    with _ants() as ants:
+        warped = ants.apply_transforms(_to_ants(ants, reference), _to_ants(ants, template_map),
+                                       list(transforms), interpolator=interpolation)
+    return nib.Nifti1Image(warped.numpy().astype(np.float32), reference.affine)

@@ -1,0 +1,53 @@
+"""The brain-mask graph of one image: supplied, template-registered, model-predicted or none."""
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..configs import ConfigError
+from ..interfaces.brainmask import BrainMask
+from ..interfaces.brainmask_model import PredictBrainMask
+from ..interfaces.template import RegisterTemplate
+
+BRAIN_MASK_MODES = ("auto", "supplied", "none")
+
+
+def init_brain_mask_wf(job, config: dict, *, name: str = "brain_mask") -> pe.Workflow:
+    """inputnode.in_file: the conformed image (and supplied_mask, connected when job.mask is
+    set) -> outputnode.out_file: its brain mask.
+
+    A mask supplied with the image is always used; without one, config brain_mask decides:
+    auto (the brain-mask model if brain_mask_model is set, else the registered template),
+    none (the whole image) or supplied (the image fails: a mask was required).
+    """
+    mode = config["brain_mask"]
+    if mode not in BRAIN_MASK_MODES:
+        raise ConfigError(f"brain_mask {mode!r}: expected one of {', '.join(BRAIN_MASK_MODES)}")
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "supplied_mask"]),
+                        name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_file"]), name="outputnode")
+
+    if job.mask is None and mode == "auto" and config["brain_mask_model"]:
+        predict = pe.Node(PredictBrainMask(
+            model_descriptor=str(config["brain_mask_model"]),
+            allow_unverified=config["allow_unverified_models"],
+            dimensions=tuple(config["final_dimensions"]), top_margin=config["top_margin"],
+            normalization=config["normalization"], percentile=config["percentile"],
+            clip_max=config["clip_max"]), name="predict_brain_mask",
+            mem_gb=config["predict_memory_gb"])
+        workflow.connect([(inputnode, predict, [("in_file", "in_file")]),
+                          (predict, outputnode, [("out_file", "out_file")])])
+        return workflow
+
+    method = "supplied" if job.mask is not None else {"auto": "template"}.get(mode, mode)
+    brain_mask = pe.Node(BrainMask(method=method), name="brain_mask")
+    workflow.connect([(inputnode, brain_mask, [("in_file", "in_file")]),
+                      (brain_mask, outputnode, [("out_file", "out_file")])])
+    if job.mask is not None:
+        workflow.connect(inputnode, "supplied_mask", brain_mask, "supplied_mask")
+    elif method == "template":
+        register = pe.Node(RegisterTemplate(), name="register_template")
+        workflow.connect([(inputnode, register, [("in_file", "in_file")]),
+                          (register, brain_mask, [("forward_transforms", "template_transforms"),
+                                                  ("intensity_mask", "intensity_mask")])])
+    return workflow
