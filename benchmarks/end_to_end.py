@@ -26,14 +26,9 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        K = networks.keras_module("h5")
-        paths = []
-        for fold in range(args.folds):
-            model = networks.build_with_policy(K, networks.build_unet, mixed_precision=True,
-                                               base_filters=args.base_filters, levels=args.levels)
-            paths.append(networks.save_fold(model, tmp / "models", f"fold{fold}", "h5"))
-        print(f"U-Net: {model.count_params():,} parameters per fold, {args.folds} folds")
-        descriptor = networks.write_descriptor(tmp / "models", paths)
+        descriptor, parameters = networks.build_unet_ensemble(
+            tmp / "models", folds=args.folds, base_filters=args.base_filters, levels=args.levels)
+        print(f"U-Net: {parameters:,} parameters per fold, {args.folds} folds")
         make_phantom_dataset(tmp / "bids", 1, seed=7, modalities=("swi",))
         config = load_config(overrides={"models": str(descriptor), "plugin": "Linear"})
         start = time.perf_counter()

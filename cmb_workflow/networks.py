@@ -152,3 +152,17 @@ def build_detector_ensemble(folder: Path, fmt: str, *, folds: int = 2, **fields)
         paths.append(save_fold(model, folder, f"fold{fold}", fmt))
     return write_descriptor(folder, paths, json_name=f"model_info_{fmt}.json",
                             names_relative_to=folder.parent if fmt != "h5" else None, **fields)
+
+
+def build_unet_ensemble(folder: Path, *, folds: int = 3, **unet_kwargs) -> tuple[Path, int]:
+    """A SHIVA-sized ensemble for benchmarks: randomly initialised U-Nets (speed does not depend
+    on the weights) as v1 .h5 files saved under mixed_float16, like the public release.
+
+    Returns the descriptor and the parameters per fold.
+    """
+    K = keras_module("h5")
+    paths = []
+    for fold in range(folds):
+        model = build_with_policy(K, build_unet, mixed_precision=True, **unet_kwargs)
+        paths.append(save_fold(model, folder, f"fold{fold}", "h5"))
+    return write_descriptor(folder, paths), model.count_params()

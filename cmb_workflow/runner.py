@@ -1,4 +1,5 @@
-"""Run the study: find images, build the graph, execute it, and write the summary."""
+"""Run the study: find images, run the graphs (preprocessing, then batched prediction and
+post-processing), and write the summary."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ from pathlib import Path
 
 from . import __version__
 from .bids import find_images
+from .configs import ConfigError
 from .imageops import write_text_atomic
 from .models import read_descriptor, verify
+from .slurm import SLURM_PLUGINS, SbatchArgs, prepare as prepare_slurm, wait_for_jobs
 
 LOGGER = logging.getLogger("cmb_workflow")
+# Crash files go to the run log only; the terminal gets their one-line reasons.
+CRASH_LOGGER = logging.getLogger("cmb_workflow.crash")
+CRASH_LOGGER.propagate = False
 
+# The brain mask's quality columns come from its sidecar (see interfaces.brainmask.mask_quality).
+MASK_QUALITY_COLUMNS = ("brain_volume_ml", "mask_fov_edge_fraction")
 SUMMARY_COLUMNS = ("subject", "session", "run", "source", "n_cmb", "total_volume_mm3",
-                   "status", "message")
+                   *MASK_QUALITY_COLUMNS, "status", "message")
 
 
 def run_study(in_dir, out_dir, config: dict) -> int:
@@ -30,51 +38,148 @@ def run_study(in_dir, out_dir, config: dict) -> int:
     descriptor = read_descriptor(config["models"])
     # Refuse a tampered model here, once, before any subject starts.
     verify(descriptor, allow_unverified=config["allow_unverified_models"])
+    if config["brain_mask_model"]:
+        verify(read_descriptor(config["brain_mask_model"], expected_target="brain_mask"),
+               allow_unverified=config["allow_unverified_models"])
 
     jobs, rejected = find_images(in_dir, input_type=config["input_type"],
                                  participant_label=config["participant_label"],
                                  session_label=config["session_label"], echo=config["echo"],
                                  masks_dir=config["masks_dir"])
+    labels = {job.node_name: job.prefix for job in jobs}
+    execution = _Execution(config, out_dir / "logs" / "slurm", labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_dataset_description(out_dir, descriptor)
     crash_dir = work_dir / "crash"
-    shutil.rmtree(crash_dir, ignore_errors=True)
-    _configure_nipype(work_dir, crash_dir, out_dir / "logs")
+    # Handoff records prove that this run (not an earlier one) prepared an image.
+    handoff_dir = work_dir / "handoff"
+    for folder in (crash_dir, handoff_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    log_file = _configure_nipype(work_dir, crash_dir, out_dir / "logs")
 
     for job in jobs:
         LOGGER.info("%s: %s%s", job.prefix, job.source,
                     f" (brain mask {job.mask})" if job.mask else "")
+    prepared: dict[str, dict] = {}
+    batch_of: dict[str, str] = {}
     if jobs:
-        from .workflow.base import init_cmb_wf
+        from .workflow.base import init_predict_study_wf, init_preprocess_study_wf
 
-        workflow = init_cmb_wf(jobs, config, str(out_dir), str(work_dir))
-        try:
-            workflow.run(plugin=config["plugin"], plugin_args=_plugin_args(config))
-        except RuntimeError as exc:
-            # Nipype raises after running everything it could when some nodes failed.
-            LOGGER.error("%s", str(exc).splitlines()[0])
+        execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir), str(work_dir)))
+        prepared = {job.node_name: json.loads(record.read_text()) for job in jobs
+                    if (record := handoff_dir / f"{job.node_name}.json").exists()}
+        batches = _batches(jobs, prepared, config["predict_batch_size"])
+        for name, batch in batches.items():
+            labels[name] = ", ".join(job.prefix for job in batch)
+            batch_of.update({job.node_name: name for job in batch})
+        if batches:
+            execution.run(init_predict_study_wf(batches, prepared, config, str(out_dir),
+                                                str(work_dir), execution.predict_plugin_args))
 
-    rows = _summary_rows(jobs, rejected, out_dir, _crash_reasons(crash_dir))
+    rows = _summary_rows(jobs, rejected, out_dir, _crash_reasons(crash_dir), prepared, batch_of)
     _write_summary(out_dir / "cmb_summary.tsv", rows)
     failed = [row for row in rows if row["status"] != "ok"]
     for row in failed:
         LOGGER.error("FAILED %s: %s", row["source"], row["message"])
-    LOGGER.info("%d image(s) processed, %d failed; summary: %s", len(rows) - len(failed),
-                len(failed), out_dir / "cmb_summary.tsv")
+    LOGGER.info("%d image(s) processed, %d failed; summary: %s; log: %s", len(rows) - len(failed),
+                len(failed), out_dir / "cmb_summary.tsv", log_file)
     return 1 if failed else 0
 
 
-def _plugin_args(config: dict) -> dict:
-    if config["plugin"] != "MultiProc":
-        return {}
-    # forkserver: workers must not inherit a parent that has TensorFlow loaded (fork deadlocks).
-    args = {"n_procs": config["nprocs"] or os.cpu_count() or 1, "mp_context": "forkserver"}
-    if config["memory_gb"]:
-        args["memory_gb"] = config["memory_gb"]
-    return args
+def _batches(jobs, prepared: dict, size: int) -> dict[str, list]:
+    """Prediction batches: fixed slices of the image list, keeping the prepared images.
+
+    Fixed slices mean an image that fails preprocessing changes only its own batch, so the
+    other batches' cached predictions stay valid when the run is repeated.
+    """
+    batches = {}
+    for start in range(0, len(jobs), size):
+        batch = [job for job in jobs[start:start + size] if job.node_name in prepared]
+        if batch:
+            batches[f"batch_{start // size:04d}"] = batch
+    return batches
 
 
-def _configure_nipype(work_dir: Path, crash_dir: Path, log_dir: Path) -> None:
+class _Execution:
+    """How the graphs run: the Nipype plugin, its arguments, and the progress lines."""
+
+    def __init__(self, config: dict, job_log_dir: Path, labels: dict):
+        from nipype.pipeline import plugins
+        from nipype.pipeline.plugins.base import GraphPluginBase
+
+        self.plugin = config["plugin"]
+        plugin_class = getattr(plugins, f"{self.plugin}Plugin", None)
+        if plugin_class is None:
+            raise ConfigError(f"plugin {self.plugin!r}: Nipype has no such plugin")
+        # Graph plugins return once the jobs are submitted; only SLURM's queue is waited on.
+        graph_plugin = issubclass(plugin_class, GraphPluginBase)
+        if graph_plugin and self.plugin != "SLURMGraph":
+            raise ConfigError(f"plugin {self.plugin!r} returns before its jobs have run; use "
+                              "SLURMGraph, SLURM, MultiProc or another plugin that waits")
+        if int(config["predict_batch_size"]) < 1:
+            raise ConfigError("predict_batch_size must be at least 1")
+        self.sbatch = None
+        self.args: dict = {}
+        if self.plugin == "MultiProc":
+            # forkserver: workers must not inherit a parent that has TensorFlow loaded (fork
+            # deadlocks).
+            self.args = {"n_procs": config["nprocs"] or os.cpu_count() or 1,
+                         "mp_context": "forkserver"}
+            if config["memory_gb"]:
+                self.args["memory_gb"] = config["memory_gb"]
+        elif self.plugin in SLURM_PLUGINS:
+            self.sbatch = SbatchArgs(config["slurm"], job_log_dir)
+            prepare_slurm(self.sbatch)
+            job_log_dir.mkdir(parents=True, exist_ok=True)
+            self.args = {"sbatch_args": self.sbatch.common}
+            if self.plugin == "SLURMGraph":
+                # Otherwise every finished step of a resumed run is a job of its own.
+                self.args["dont_resubmit_completed_jobs"] = True
+        if not graph_plugin:  # Nipype's graph plugins take no status callback
+            self.args["status_callback"] = _Progress(labels)
+
+    @property
+    def predict_plugin_args(self) -> dict | None:
+        """Per-node arguments of the prediction jobs (GPU, memory), replacing the common ones."""
+        if self.sbatch is None:
+            return None
+        return {"sbatch_args": self.sbatch.predict, "overwrite": True}
+
+    def run(self, workflow) -> None:
+        try:
+            workflow.run(plugin=self.plugin, plugin_args=self.args)
+        except RuntimeError as exc:
+            # Nipype raises after running everything it could when some nodes failed.
+            LOGGER.error("%s", str(exc).splitlines()[0])
+        if self.plugin == "SLURMGraph":
+            wait_for_jobs(self.sbatch.comment)
+
+
+class _Progress:
+    """Nipype's status callback: one line per image (or batch) and step as it ends."""
+
+    def __init__(self, labels: dict):
+        self.labels = labels
+        self.failed: set[str] = set()
+
+    def __call__(self, node, status: str) -> None:
+        if status == "start":
+            return
+        unit = _unit(node.fullname)
+        label = self.labels.get(unit, unit)
+        if status == "exception":
+            self.failed.add(node.fullname)
+            LOGGER.error("%s: %s failed", label, node.name)
+        elif node.fullname not in self.failed:  # MultiProc also ends what failed
+            LOGGER.info("%s: %s done", label, node.name)
+
+
+def _unit(fullname: str) -> str:
+    """'preprocess.sub_01.conform' -> 'sub_01'; 'predict.batch_0000.predict' -> 'batch_0000'."""
+    return fullname.split(".")[1]
+
+
+def _configure_nipype(work_dir: Path, crash_dir: Path, log_dir: Path) -> Path:
     from nipype import config as nipype_config, logging as nipype_logging
 
     nipype_config.update_config({
@@ -85,11 +190,17 @@ def _configure_nipype(work_dir: Path, crash_dir: Path, log_dir: Path) -> None:
         "monitoring": {"enabled": False},
     })
     nipype_logging.update_logging(nipype_config)
+    # Nipype prints each node's start and end on stdout; the run log keeps them, the terminal
+    # shows cmb_workflow's progress lines instead (the CLI's handler leaves Nipype out too).
+    for nipype_handler in logging.getLogger("nipype").handlers:
+        if type(nipype_handler) is logging.StreamHandler:
+            nipype_handler.setLevel(logging.CRITICAL)
     # A plain handler: Nipype's own log file uses a lock that forked MultiProc workers break.
     log_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_dir / f"cmb-workflow_{time.strftime('%Y%m%d-%H%M%S')}.log")
+    log_file = log_dir / f"cmb-workflow_{time.strftime('%Y%m%d-%H%M%S')}.log"
+    handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    for name in ("cmb_workflow", "nipype.workflow"):
+    for name in ("cmb_workflow", "cmb_workflow.crash", "nipype.workflow"):
         logger = logging.getLogger(name)
         # One run log at a time, also when several runs share a process (demo, tests).
         for old in [h for h in logger.handlers if getattr(h, "cmb_run_log", False)]:
@@ -97,6 +208,9 @@ def _configure_nipype(work_dir: Path, crash_dir: Path, log_dir: Path) -> None:
             old.close()
         logger.addHandler(handler)
     handler.cmb_run_log = True
+    # The run log gets the progress lines whatever the embedding program's root level is.
+    LOGGER.setLevel(logging.INFO)
+    return log_file
 
 
 def _write_dataset_description(out_dir: Path, descriptor) -> None:
@@ -112,7 +226,7 @@ def _write_dataset_description(out_dir: Path, descriptor) -> None:
 
 
 def _crash_reasons(crash_dir: Path) -> dict[str, str]:
-    """Per-image workflow name -> the last line of the first crash of that image."""
+    """Image (or batch) workflow name -> the exception line of its first crash."""
     reasons: dict[str, str] = {}
     for crash in sorted(crash_dir.glob("crash-*.txt")):
         text = crash.read_text(errors="replace")
@@ -120,12 +234,10 @@ def _crash_reasons(crash_dir: Path) -> dict[str, str]:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not node or not lines:
             continue
-        parts = node.group(1).split(".")
-        image_name = parts[1] if len(parts) > 2 else parts[0]
-        if image_name not in reasons:
-            # The crash file's name changes every run: log it, keep the summary deterministic.
-            LOGGER.info("%s: crash details in %s", image_name, crash)
-            reasons[image_name] = _one_line_reason(lines)
+        unit = _unit(node.group(1))
+        # The crash file's name changes every run: log it, keep the summary deterministic.
+        CRASH_LOGGER.error("%s: crash details (%s):\n%s", unit, crash, text)
+        reasons.setdefault(unit, _one_line_reason(lines))
     return reasons
 
 
@@ -138,7 +250,8 @@ def _one_line_reason(lines: list[str]) -> str:
     return lines[-1]
 
 
-def _summary_rows(jobs, rejected, out_dir: Path, reasons: dict[str, str]) -> list[dict]:
+def _summary_rows(jobs, rejected, out_dir: Path, reasons: dict[str, str], prepared: dict,
+                  batch_of: dict[str, str]) -> list[dict]:
     rows = []
     for job in jobs:
         entity = job.entity
@@ -146,14 +259,20 @@ def _summary_rows(jobs, rejected, out_dir: Path, reasons: dict[str, str]) -> lis
                "run": entity.get("run", ""), "source": str(job.source),
                "n_cmb": "", "total_volume_mm3": "", "status": "ok", "message": ""}
         table = out_dir / f"{job.relative_prefix}_desc-cmb_lesions.tsv"
-        if job.node_name in reasons or not table.exists():
+        reason = reasons.get(job.node_name) or reasons.get(batch_of.get(job.node_name, ""))
+        if job.node_name not in prepared:
+            reason = reason or "preprocessing did not finish (no error was reported; see the log)"
+        if reason or not table.exists():
             row["status"] = "failed"
-            row["message"] = reasons.get(job.node_name, "no results were written")
+            row["message"] = reason or "no results were written"
         else:
             with open(table, newline="") as handle:
                 lesions = list(csv.DictReader(handle, delimiter="\t"))
             row["n_cmb"] = len(lesions)
             row["total_volume_mm3"] = round(sum(float(r["volume_mm3"]) for r in lesions), 2)
+            sidecar = out_dir / f"{job.relative_prefix}_desc-brain_mask.json"
+            quality = json.loads(sidecar.read_text())
+            row.update({column: quality[column] for column in MASK_QUALITY_COLUMNS})
         rows.append(row)
     for source, reason in rejected:
         rows.append({"subject": "", "session": "", "run": "", "source": source, "n_cmb": "",

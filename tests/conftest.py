@@ -4,6 +4,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from helpers import write_study  # noqa: E402
+from slurm_cluster import OneNodeCluster, missing_reason  # noqa: E402
+
+from cmb_workflow.cli import main  # noqa: E402
 from cmb_workflow.networks import build_detector_ensemble  # noqa: E402
 
 
@@ -17,3 +21,42 @@ def savedmodel_models(tmp_path_factory):
     # v2 releases name files with the model folder's own name first ("SWI-CMB/...").
     root = tmp_path_factory.mktemp("models")
     return build_detector_ensemble(root / "SWI-CMB", "savedmodel")
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """Three good subjects (helpers.SUBJECTS)."""
+    return write_study(tmp_path_factory.mktemp("study3"))
+
+
+@pytest.fixture(scope="session")
+def multiproc_run(study, h5_models, tmp_path_factory):
+    """A clean MultiProc run of `study`: the reference other ways of running must match."""
+    out = tmp_path_factory.mktemp("multiproc") / "cmb"
+    assert main(["run", str(study), str(out), "--models", str(h5_models),
+                 "--plugin", "MultiProc", "--nprocs", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM cluster of real slurmctld, slurmd and munged, with SLURM_CONF set."""
+    reason = missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run the SLURM tests")
+        pytest.skip(reason)
+    cluster = OneNodeCluster()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    if previous is None:
+        del os.environ["SLURM_CONF"]
+    else:
+        os.environ["SLURM_CONF"] = previous
+    cluster.stop()

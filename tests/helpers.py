@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 from pathlib import Path
 
 import nibabel as nib
@@ -52,3 +54,58 @@ def save(img, path: Path) -> Path:
     img.set_sform(img.affine, code=1)
     nib.save(img, str(path))
     return path
+
+
+# A small study: prefix -> (relative path, shape, voxel size, axis codes, rotation, dtype,
+# field-of-view centre, blobs in world mm).
+SUBJECTS = {
+    "sub-01": ("sub-01/anat/sub-01_swi.nii.gz", (340, 400, 75), (0.5, 0.5, 2.0), "LPS",
+               (8, 0, -6), np.int16, (0, 5, 10), [(20, 30, 25), (-30, -10, 0)]),
+    "sub-02_ses-1": ("sub-02/ses-1/anat/sub-02_ses-1_T2starw.nii.gz", (140, 176, 150),
+                     (1.2, 1.1, 1.0), "PIR", (0, 0, 0), np.float32, (0, 5, 10), [(0, 0, 0)]),
+    # The field of view stops 5 mm below the top of the brain.
+    "sub-03": ("sub-03/anat/sub-03_swi.nii.gz", (160, 200, 150), (1.0, 1.0, 1.0), "RAS",
+               (0, 0, 0), np.int16, (0, 0, -20), [(-15, 20, -10)]),
+}
+
+
+def write_study(root: Path) -> Path:
+    """The SUBJECTS as a BIDS tree; sub-02 comes with its brain mask."""
+    for prefix, (relative, shape, zooms, axcodes, rotation, dtype, centre, blobs) in SUBJECTS.items():
+        affine = grid_affine(zooms, shape, axcodes=axcodes, rotation_deg=rotation, centre=centre)
+        image, mask = make_head(shape, affine, blobs, dtype=dtype)
+        save(image, root / relative)
+        if prefix == "sub-02_ses-1":
+            save(mask, root / relative.replace("_T2starw", "_desc-brain_mask"))
+    return root
+
+
+def read_tsv(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def result_files(out: Path) -> list[Path]:
+    """Every file a run wrote to OUT, without its work folder and logs."""
+    return [path for path in sorted(out.rglob("*")) if path.is_file()
+            and not {"work", "logs"} & set(path.relative_to(out).parts)]
+
+
+def result_digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in result_files(out)}
+
+
+def assert_same_results(out: Path, reference: Path) -> None:
+    """Same files; NIfTI voxel arrays equal, other files equal as text."""
+    ours, theirs = result_files(out), result_files(reference)
+    assert [p.relative_to(out) for p in ours] == [p.relative_to(reference) for p in theirs]
+    for path, other in zip(ours, theirs):
+        if path.name.endswith(".nii.gz"):
+            a, b = nib.load(path), nib.load(other)
+            assert a.get_data_dtype() == b.get_data_dtype(), path
+            np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj),
+                                          err_msg=str(path))
+            np.testing.assert_array_equal(a.affine, b.affine, err_msg=str(path))
+        else:
+            assert path.read_text() == other.read_text(), path

@@ -1,41 +1,57 @@
 """`cmb-workflow run` end to end on a small BIDS tree, as a user runs it."""
 
-import csv
-import hashlib
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import grid_affine, make_head, save
+from helpers import (SUBJECTS, grid_affine, make_head, read_tsv, result_digests, save,
+                     write_study)
 
 from cmb_workflow.cli import main
+from cmb_workflow.networks import build_unet, keras_module, save_fold, write_descriptor
 
-# prefix -> (relative path, shape, voxel size, axis codes, rotation, dtype, FOV centre, blobs)
-SUBJECTS = {
-    "sub-01": ("sub-01/anat/sub-01_swi.nii.gz", (340, 400, 75), (0.5, 0.5, 2.0), "LPS",
-               (8, 0, -6), np.int16, (0, 5, 10), [(20, 30, 25), (-30, -10, 0)]),
-    "sub-02_ses-1": ("sub-02/ses-1/anat/sub-02_ses-1_T2starw.nii.gz", (140, 176, 150),
-                     (1.2, 1.1, 1.0), "PIR", (0, 0, 0), np.float32, (0, 5, 10), [(0, 0, 0)]),
-    # The field of view stops 5 mm below the top of the brain.
-    "sub-03": ("sub-03/anat/sub-03_swi.nii.gz", (160, 200, 150), (1.0, 1.0, 1.0), "RAS",
-               (0, 0, 0), np.int16, (0, 0, -20), [(-15, 20, -10)]),
+# Images that must fail alone: subject -> (file that the reason names, words of the reason).
+BAD_SUBJECTS = {
+    "04": ("sub-04_swi.nii.gz", "cannot be read as NIfTI"),  # truncated
+    "05": ("sub-05_swi.nii.gz", "cannot be read as NIfTI"),  # not a NIfTI at all
+    "06": ("sub-06_swi.nii.gz", "is 2D"),
+    "07": ("sub-07_swi.nii.gz", "is 5D"),
+    "08": ("sub-08_swi.nii.gz", "all NaN"),
+    "09": ("sub-09_swi.nii.gz", "constant"),
+    "10": ("sub-10_desc-brain_mask.nii.gz", "empty"),
+    "11": ("sub-11_desc-brain_mask.nii.gz", "overlap"),  # the mask lies 1 m away
 }
 
 
 @pytest.fixture(scope="module")
 def bids(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    for prefix, (relative, shape, zooms, axcodes, rotation, dtype, centre, blobs) in SUBJECTS.items():
-        affine = grid_affine(zooms, shape, axcodes=axcodes, rotation_deg=rotation, centre=centre)
-        image, mask = make_head(shape, affine, blobs, dtype=dtype)
-        save(image, root / relative)
-        if prefix == "sub-02_ses-1":
-            save(mask, root / relative.replace("_T2starw", "_desc-brain_mask"))
-    # Truncated file: it must fail alone.
-    broken = root / "sub-04/anat/sub-04_swi.nii.gz"
-    broken.parent.mkdir(parents=True)
-    broken.write_bytes((root / SUBJECTS["sub-03"][0]).read_bytes()[:5000])
+    root = write_study(tmp_path_factory.mktemp("study"))
+
+    def bad(label, suffix="swi"):
+        path = root / f"sub-{label}/anat/sub-{label}_{suffix}.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    bad("04").write_bytes((root / SUBJECTS["sub-03"][0]).read_bytes()[:5000])
+    bad("05").write_text("not an image\n")
+    nib.save(nib.Nifti1Image(np.ones((64, 64), np.float32), np.eye(4)), bad("06"))
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16, 1, 2), np.float32), np.eye(4)), bad("07"))
+    nib.save(nib.Nifti1Image(np.full((32, 32, 32), np.nan, np.float32), np.eye(4)), bad("08"))
+    nib.save(nib.Nifti1Image(np.full((32, 32, 32), 100, np.int16), np.eye(4)), bad("09"))
+    # Good small heads with unusable masks.
+    shape = (48, 60, 48)
+    affine = grid_affine((3.5, 3.5, 3.5), shape)
+    for label in ("10", "11"):
+        image, mask = make_head(shape, affine)
+        save(image, bad(label))
+        if label == "10":
+            mask = nib.Nifti1Image(np.zeros(shape, np.uint8), affine)
+        else:
+            moved = affine.copy()
+            moved[:3, 3] += 1000.0
+            mask = nib.Nifti1Image(np.asarray(mask.dataobj), moved)
+        save(mask, bad(label, "desc-brain_mask"))
     return root
 
 
@@ -46,20 +62,9 @@ def h5_run(bids, h5_models, tmp_path_factory):
     return argv, out, main(argv)
 
 
-def read_tsv(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
-
-
-def digests(out):
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and "work" not in p.parts
-            and "logs" not in p.parts}
-
-
 def test_every_image_gets_native_maps_and_blobs_are_found(bids, h5_run):
     _, out, exit_code = h5_run
-    assert exit_code == 1  # sub-04 failed, the others did not
+    assert exit_code == 1  # the bad subjects failed, the others did not
     for prefix, (relative, shape, *_rest, blobs) in SUBJECTS.items():
         source = nib.load(bids / relative)
         anat = out / relative.rsplit("/", 1)[0]
@@ -89,9 +94,7 @@ def test_summary_and_dataset_description(h5_run):
     assert rows["sub-01_swi.nii.gz"]["status"] == "ok"
     assert rows["sub-01_swi.nii.gz"]["n_cmb"] == "2"
     assert rows["sub-02_ses-1_T2starw.nii.gz"]["session"] == "1"
-    failed = rows["sub-04_swi.nii.gz"]
-    assert failed["status"] == "failed"
-    assert "sub-04_swi.nii.gz" in failed["message"] and "\n" not in failed["message"]
+    assert sum(row["status"] == "failed" for row in rows.values()) == len(BAD_SUBJECTS)
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "cmb-workflow"
@@ -100,15 +103,16 @@ def test_summary_and_dataset_description(h5_run):
 
 def test_rerun_recomputes_nothing_and_gives_identical_outputs(h5_run):
     argv, out, _ = h5_run
-    before = digests(out)
+    before = result_digests(out)
     results = sorted((out / "work").rglob("result_*.pklz"))
-    # Failed steps (sub-04) are retried by design; finished ones must not be.
-    stamps = {p: p.stat().st_mtime_ns for p in results
-              if "write_derivatives" not in p.parts and "sub_04" not in p.parts}
+    # Failed steps are retried by design, the last steps of a phase always run; finished ones
+    # must not be.
+    retried = {f"sub_{label}" for label in BAD_SUBJECTS} | {"write_derivatives", "handoff"}
+    stamps = {p: p.stat().st_mtime_ns for p in results if not retried & set(p.parts)}
     assert any("predict" in p.parts for p in stamps)
     assert main(argv) == 1
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert digests(out) == before
+    assert result_digests(out) == before
 
 
 def test_savedmodel_ensemble_under_multiproc_matches_h5(bids, h5_run, savedmodel_models,
@@ -131,3 +135,36 @@ def test_tampered_model_stops_the_run_with_one_line(bids, h5_models, tmp_path, c
     assert main(["run", str(bids), str(tmp_path / "o"), "--models", str(tampered)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "fold1.h5" in error and "does not match" in error
+
+
+@pytest.mark.parametrize("label", sorted(BAD_SUBJECTS))
+def test_a_bad_image_fails_alone_with_a_one_line_reason(h5_run, label):
+    _, out, _ = h5_run
+    named_file, words = BAD_SUBJECTS[label]
+    row = next(row for row in read_tsv(out / "cmb_summary.tsv") if row["subject"] == label)
+    assert row["status"] == "failed"
+    assert named_file in row["message"] and words in row["message"], row["message"]
+    assert "\n" not in row["message"]
+    # The traceback is in the run's log.
+    log = next((out / "logs").glob("cmb-workflow_*.log")).read_text()
+    assert f"sub_{label}: crash details" in log
+    assert not list(out.glob(f"sub-{label}/anat/*")), "a failed image left results"
+
+
+def test_a_failing_prediction_batch_fails_each_of_its_images(tmp_path):
+    # A real model that does not fit the data: it wants two channels, the images have one.
+    K = keras_module("h5")
+    model = build_unet(K, input_shape=(160, 214, 176, 2), base_filters=2, levels=2)
+    models = tmp_path / "models"
+    descriptor = write_descriptor(models, [save_fold(model, models, "fold0", "h5")])
+    shape = (48, 60, 48)
+    affine = grid_affine((3.5, 3.5, 3.5), shape)
+    for label in ("1", "2"):
+        save(make_head(shape, affine, seed=int(label))[0],
+             tmp_path / f"in/sub-{label}/anat/sub-{label}_swi.nii.gz")
+    assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"), "--models", str(descriptor),
+                 "--plugin", "Linear"]) == 1
+    rows = read_tsv(tmp_path / "out/cmb_summary.tsv")
+    assert [row["status"] for row in rows] == ["failed", "failed"]
+    assert rows[0]["message"] == rows[1]["message"]
+    assert "fold0.h5" in rows[0]["message"] and "\n" not in rows[0]["message"]

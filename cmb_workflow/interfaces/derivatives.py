@@ -6,7 +6,7 @@ from pathlib import Path
 from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface,
                                     TraitedSpec, traits)
 
-from ..imageops import copy_atomic, write_text_atomic
+from ..imageops import copy_atomic, remove_stale_temporaries, write_text_atomic
 from .lesions import LESION_COLUMNS
 
 LESION_SIDECAR = {
@@ -28,6 +28,8 @@ class WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     probability = File(exists=True, mandatory=True)
     labels = File(exists=True, mandatory=True)
     brain_mask = File(exists=True, mandatory=True)
+    brain_mask_quality = File(exists=True, mandatory=True,
+                              desc="JSON: brain volume and field-of-view edge fraction")
     lesion_table = File(exists=True, mandatory=True, desc="JSON rows from LabelLesions")
     settings = traits.Dict(desc="settings recorded in the sidecars (threshold, model, ...)")
 
@@ -50,6 +52,8 @@ class WriteDerivatives(SimpleInterface):
 
         def target(suffix):
             path = prefix.parent / f"{prefix.name}_{suffix}"
+            # A run killed (SIGKILL) while writing here left its temporary file behind.
+            remove_stale_temporaries(path)
             written.append(str(path))
             return path
 
@@ -59,6 +63,9 @@ class WriteDerivatives(SimpleInterface):
             copy_atomic(source, target(suffix))
 
         sources = [f"bids:raw:{Path(self.inputs.source_file).name}"]
+        quality = json.loads(Path(self.inputs.brain_mask_quality).read_text())
+        write_text_atomic(json.dumps({"Type": "Brain", "Sources": sources, **quality}, indent=2)
+                          + "\n", target("desc-brain_mask.json"))
         settings = dict(self.inputs.settings) if self.inputs.settings else {}
         write_text_atomic(json.dumps({"Sources": sources, **settings}, indent=2) + "\n",
                           target("desc-cmb_probseg.json"))

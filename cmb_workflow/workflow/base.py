@@ -1,12 +1,45 @@
-"""The study graph: one per-image workflow for each input image."""
+"""The study graphs. A run executes them one after the other: preprocessing of every image,
+then prediction in batches (with each image's post-processing), so that an image failing
+preprocessing cannot stop the prediction of the other images of its batch."""
 
 from nipype.pipeline import engine as pe
 
-from .image import init_image_wf
+from ..interfaces.predict import Predict
+from .image import init_postprocess_wf, init_preprocess_wf
 
 
-def init_cmb_wf(jobs, config: dict, out_dir: str, work_dir: str) -> pe.Workflow:
-    workflow = pe.Workflow(name="cmb_wf", base_dir=str(work_dir))
-    workflow.add_nodes([init_image_wf(job, config, str(out_dir), name=job.node_name)
-                        for job in jobs])
+def init_preprocess_study_wf(jobs, config: dict, handoff_dir: str, work_dir: str) -> pe.Workflow:
+    workflow = pe.Workflow(name="preprocess", base_dir=str(work_dir))
+    workflow.add_nodes([init_preprocess_wf(job, config, f"{handoff_dir}/{job.node_name}.json",
+                                           name=job.node_name) for job in jobs])
     return workflow
+
+
+def init_predict_study_wf(batches: dict, prepared: dict, config: dict, out_dir: str,
+                          work_dir: str, predict_plugin_args: dict | None = None) -> pe.Workflow:
+    """batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record."""
+    workflow = pe.Workflow(name="predict", base_dir=str(work_dir))
+    for batch_name, batch in batches.items():
+        # A workflow per batch names its node like the images' ones: predict.<batch>.predict
+        batch_wf = pe.Workflow(name=batch_name)
+        predict = pe.Node(Predict(in_files=[prepared[job.node_name]["image"] for job in batch],
+                                  mask_files=[prepared[job.node_name]["mask"] for job in batch],
+                                  model_descriptor=str(config["models"]),
+                                  allow_unverified=config["allow_unverified_models"],
+                                  mask_input=config["mask_input"],
+                                  mask_output=config["mask_output"]),
+                          name="predict", mem_gb=config["predict_memory_gb"])
+        if predict_plugin_args:
+            predict.plugin_args = predict_plugin_args
+        batch_wf.add_nodes([predict])
+        for index, job in enumerate(batch):
+            image_wf = init_postprocess_wf(job, prepared[job.node_name]["brain_mask"], config,
+                                           str(out_dir), name=job.node_name)
+            workflow.connect(batch_wf, ("predict.out_files", _pick, index),
+                             image_wf, "inputnode.probability")
+    return workflow
+
+
+def _pick(items, index):
+    # A connection function: Nipype stores its source and runs it where the inputs are set.
+    return items[index]
