@@ -26,7 +26,8 @@ def _add_run_parser(subparsers) -> None:
                         help="settings overriding cmb_workflow/configs/default.yml")
     parser.add_argument("--work-dir", metavar="DIR",
                         help="intermediate files; the same folder resumes a run (default OUT/work)")
-    parser.add_argument("--plugin", help="Nipype plugin: Linear, MultiProc (default), ...")
+    parser.add_argument("--plugin", help="Nipype plugin: Linear, MultiProc (default), SLURM, "
+                        "SLURMGraph, ... (SLURM settings: the config's slurm keys)")
     parser.add_argument("--nprocs", type=int, help="processes for MultiProc (default: all cores)")
     parser.add_argument("--threshold", type=float,
                         help="probability above which a voxel is lesion (default 0.5)")
@@ -38,6 +39,12 @@ def _add_run_parser(subparsers) -> None:
                         help="bids (default) or SHiVAi's standard layout IN/<subject>/swi/<file>")
     parser.add_argument("--masks-dir", metavar="DIR",
                         help="derivatives folder with sub-*/[ses-*/]anat/*_desc-brain_mask.nii.gz")
+    parser.add_argument("--brain-mask", choices=["auto", "supplied", "none"],
+                        help="for images without a supplied mask: auto (default: the MNI152 "
+                             "template registered to the image, or --brain-mask-model), supplied "
+                             "(such images fail) or none (the whole image)")
+    parser.add_argument("--brain-mask-model", metavar="JSON",
+                        help="model_info*.json of a SHIVA brain-mask model for --brain-mask auto")
     parser.add_argument("--echo", type=int, help="echo of multi-echo data to use (default 1)")
     parser.add_argument("--allow-unverified-models", action="store_true", default=None,
                         help="load model files whose md5 does not match their descriptor. Model "
@@ -51,7 +58,8 @@ def _run(args) -> int:
 
     overrides = {key: getattr(args, key) for key in (
         "models", "work_dir", "plugin", "nprocs", "threshold", "participant_label",
-        "session_label", "input_type", "masks_dir", "echo", "allow_unverified_models")}
+        "session_label", "input_type", "masks_dir", "brain_mask", "brain_mask_model", "echo",
+        "allow_unverified_models")}
     config = load_config(args.config, overrides)
     if not config["models"]:
         from .demo import demo_model_descriptor
@@ -76,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "write a BIDS-like dataset of synthetic heads with known microbleeds")
     _add_tool_parser(subparsers, "evaluate", "evaluate",
                      "lesion-wise metrics (VALDO 5 mm matching) of results against a truth")
+    _add_tool_parser(subparsers, "train-demo", "training",
+                     "train the demo model (synthetic phantoms only) on CPU from a seed")
     return parser
 
 
@@ -91,8 +101,12 @@ def _add_tool_parser(subparsers, name: str, module: str, summary: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
+                                            datefmt="%H:%M:%S"))
+    # Nipype's per-node lines and crash tracebacks go to the run's log file, not the terminal.
+    terminal.addFilter(lambda record: not record.name.startswith("nipype"))
+    logging.basicConfig(level=logging.INFO, handlers=[terminal])
     from .bids import InputError
     from .configs import ConfigError
     from .models import ModelError

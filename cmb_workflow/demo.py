@@ -9,20 +9,10 @@ DEMO_MODEL_FOLDER = "demo_model"
 
 
 def demo_model_descriptor() -> Path:
-    """The bundled INTERIM demo model: a hand-weighted dark-spot detector (not trained),
-    for synthetic phantoms only, never for real scans."""
+    """The bundled demo model: a small U-Net trained on phantoms by `cmb-workflow train-demo`
+    (cmb_workflow/training.py); for synthetic phantoms only, never for real scans."""
     return Path(str(resources.files("cmb_workflow") / "data" / DEMO_MODEL_FOLDER
                     / "model_info_savedmodel.json"))
-
-
-def build_demo_model(folder: Path) -> Path:
-    """Re-create the bundled demo model files (SavedModel: no Python bytecode inside)."""
-    from .networks import build_detector_ensemble
-
-    return build_detector_ensemble(
-        folder, "savedmodel", version="interim-demo-0",
-        description="INTERIM DEMO MODEL: hand-weighted dark-spot detector, not trained. For "
-                    "cmb-workflow's synthetic phantoms only; not for real scans.")
 
 
 def add_arguments(parser) -> None:
@@ -50,6 +40,6 @@ def run_from_args(args) -> int:
                       out_tsv=out / "evaluation.tsv")
     print(format_tables(tables))
     print(f"\nResults (BIDS derivatives): {results}\nSummary: {results / 'cmb_summary.tsv'}\n"
-          f"Evaluation: {out / 'evaluation.tsv'}\nThe demo model is an untrained interim "
-          "detector for synthetic phantoms; use --models with SHIVA-CMB weights for real scans.")
+          f"Evaluation: {out / 'evaluation.tsv'}\nThe demo model was trained on synthetic "
+          "phantoms only; use --models with SHIVA-CMB weights for real scans.")
     return status

@@ -1,0 +1,61 @@
+"""The bundled demo model: verified, labelled as a demo, and it finds microbleeds on a phantom."""
+
+import csv
+import json
+
+import numpy as np
+
+from cmb_workflow.cli import main
+from cmb_workflow.demo import demo_model_descriptor
+from cmb_workflow.models import read_descriptor, verify
+from cmb_workflow.training import lesion_target
+
+
+def test_bundled_demo_model_is_verified_and_labelled_a_demo():
+    descriptor = read_descriptor(demo_model_descriptor())
+    verify(descriptor, allow_unverified=False)
+    info = json.loads(demo_model_descriptor().read_text())
+    assert "DEMO MODEL" in info["description"] and "NOT for real scans" in info["description"]
+    training = json.loads((demo_model_descriptor().parent / "training.json").read_text())
+    assert training["seed"] and training["steps"] > 0
+
+
+def test_lesion_target_marks_the_diameter_around_world_centres():
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-10.0, -10.0, -10.0]
+    lesions = [{"x": 0.0, "y": 0.0, "z": 0.0, "diameter_mm": 5.0},
+               {"x": 5.3, "y": 0.2, "z": 0.0, "diameter_mm": 0.5},   # thinner than a voxel
+               {"x": 50.0, "y": 0.0, "z": 0.0, "diameter_mm": 4.0}]  # outside the box
+    target = lesion_target(lesions, affine, (20, 20, 20))
+    assert target[10, 10, 10] and target[12, 10, 10] and not target[13, 10, 10]
+    assert target[15, 10, 10]
+    sphere_voxels = int(target.sum()) - 1
+    assert sphere_voxels == 81  # lattice points within 2.5 voxels of a lattice centre
+
+
+def test_demo_finds_most_microbleeds_of_a_fixed_phantom(tmp_path, capsys):
+    """`cmb-workflow demo` end to end: phantom, pipeline with the bundled model, evaluation."""
+    status = main(["demo", str(tmp_path), "--n-subjects", "1", "--seed", "4"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "sens" in printed and str(tmp_path / "results") in printed
+    with open(tmp_path / "evaluation.tsv", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    pooled = next(row for row in rows if row["view"] == "distance" and row["scope"] == "pooled")
+    assert int(pooled["n_ref"]) >= 5
+    assert float(pooled["sensitivity"]) >= 0.8
+    assert float(pooled["fp_per_scan"]) <= 2
+
+
+def test_training_is_reproducible_from_its_seed(tmp_path):
+    """Two tiny trainings from the same seed give the same network."""
+    from cmb_workflow.models import load_ensemble
+    from cmb_workflow.training import train
+
+    image = np.random.default_rng(0).random((1, 160, 214, 176, 1), dtype=np.float32)
+    predictions = []
+    for run in ("a", "b"):
+        descriptor = train(tmp_path / run, n_subjects=1, steps=3, batch_size=2, patch=16,
+                           base_filters=2, levels=2, seed=11)
+        predictions.append(load_ensemble(descriptor, allow_unverified=False).predict(image))
+    np.testing.assert_array_equal(predictions[0], predictions[1])
