@@ -140,10 +140,11 @@ def write_index(out_dir: Path, rows: list[dict], columns) -> Path:
               for mars_class in MARS_CLASSES}
     parts = [f"<p>{len(done)} image(s) processed, {len(failed)} failed. Click a column header "
              "to sort.</p>"]
-    shown = [c for c in columns if c not in ("status", "message")]
-    parts.append("<h2>Summary</h2>" + table(
-        shown, done, sortable=True,
-        links={"source": lambda row: row.get("report") or None}))
+    # The image's file name links to its report; the full path stays in cmb_summary.tsv.
+    shown = ["image", *(c for c in columns if c not in ("source", "status", "message"))]
+    done = [{**row, "image": Path(row["source"]).name} for row in done]
+    parts.append("<h2>Summary</h2>" + table(shown, done, sortable=True,
+                                            links={"image": lambda row: row["report"]}))
     parts.append("<h2>Microbleeds per MARS class (all images)</h2>" + table(
         ["class", "microbleeds", "images with any"],
         [{"class": c, "microbleeds": totals[c],

@@ -19,7 +19,7 @@ Rules, in the order they claim voxels of the brain mask:
 - internal capsule: white matter (p >= 0.4, as everywhere here) within 8 mm of both the lentiform nucleus and the caudate or
   thalamus; external capsule: white matter within 5 mm lateral of the putamen;
 - corpus callosum: white matter within 8 mm of the midline between y = -42 and 36, z 0..35;
-- deep white matter: other cerebral white matter within 10 mm of the lateral ventricles and at
+- deep white matter: other cerebral white matter within 12 mm of the lateral ventricles and at
   least 3 mm from the cortex (MARS's deep and periventricular white matter);
 - lobes (cortex and the subcortical white matter under it): insula (grey matter 29..42 mm from
   the midline under the Sylvian fissure), temporal (under the Sylvian line, lateral to 18 mm,
@@ -48,6 +48,8 @@ from cmb_workflow.registration import mni152  # noqa: E402
 
 OUT = ROOT / "cmb_workflow" / "data" / "mars_atlas"
 FILL_MM = 10
+# As the phantom generator's deep sites (synthetic/atlas.py): one definition in the project.
+PERIVENTRICULAR_MM = 12
 
 
 def _ellipsoid(x, y, z, centre, semi_axes):
@@ -121,7 +123,8 @@ def build() -> tuple[np.ndarray, np.ndarray]:
     claim("corpus_callosum", white & (ax <= 8) & (y > -42) & (y < 36) & (z > 0) & (z < 35))
     ventricles = (cerebrum & (gm + wm < 0.3) & (ax < 30) & (y > -45) & (y < 30) & (z > -10))
     cortex = cerebrum & (gm >= 0.5) & (region == 0)
-    claim("deep_white_matter", white & (distance(ventricles) <= 10) & (distance(cortex) > 3))
+    claim("deep_white_matter", white & (distance(ventricles) <= PERIVENTRICULAR_MM)
+          & (distance(cortex) > 3))
 
     # The hypothalamus and the cisterns around it belong to no lobe: they take the nearest
     # deep or infratentorial region below.

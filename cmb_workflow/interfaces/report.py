@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from matplotlib.colors import ListedColormap
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
@@ -21,6 +22,7 @@ from .lesions import LESION_COLUMNS
 ZOOM_HALF_MM = 16
 MAX_THUMBNAILS = 60
 MOSAIC_SLICES = 12
+LESION_COLOUR = ListedColormap(["red"])
 
 
 class SubjectReportInputSpec(BaseInterfaceInputSpec):
@@ -104,7 +106,7 @@ def _mosaic_figure(data, mask, window):
 
 
 def _lesion_figure(data, labels, row, index, window):
-    """The lesion (outlined red) in a 2 x ZOOM_HALF_MM window on three planes."""
+    """The lesion (red overlay) in a 2 x ZOOM_HALF_MM window on three planes."""
     fig, axes = plt.subplots(1, 3, figsize=(6.0, 2.2), dpi=80)
     low = index - ZOOM_HALF_MM
     for ax, name, axis_pair in zip(axes, PLANE_NAMES, PLANE_AXES):
@@ -115,8 +117,9 @@ def _lesion_figure(data, labels, row, index, window):
         lesion = (labels[tuple(where)] == row["label"]).T
         ax.imshow(image, cmap="gray", origin="lower", vmin=window[0], vmax=window[1],
                   interpolation="nearest")
-        if lesion.any():
-            ax.contour(lesion.astype(np.uint8), levels=[0.5], colors="red", linewidths=0.9)
+        # A filled overlay: a contour vanishes around one-voxel lesions.
+        ax.imshow(np.ma.masked_where(~lesion, lesion), cmap=LESION_COLOUR, origin="lower",
+                  alpha=0.45, interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
