@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 
 from . import __version__
@@ -68,7 +69,8 @@ def _run(args) -> int:
         logging.getLogger("cmb_workflow").warning(
             "no --models given: using the bundled DEMO model, trained on synthetic phantoms "
             "only; it is not for real scans")
-    return run_study(args.in_dir, args.out_dir, config)
+    return run_study(args.in_dir, args.out_dir, config,
+                     command_line=shlex.join(["cmb-workflow", *args.argv]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +103,7 @@ def _add_tool_parser(subparsers, name: str, module: str, summary: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     terminal = logging.StreamHandler()
     terminal.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
                                             datefmt="%H:%M:%S"))

@@ -17,7 +17,9 @@ from . import __version__
 from .bids import find_images
 from .configs import ConfigError
 from .imageops import write_text_atomic
+from .interfaces.derivatives import report_name
 from .models import read_descriptor, verify
+from .regions import mars_counts
 from .slurm import SLURM_PLUGINS, SbatchArgs, prepare as prepare_slurm, wait_for_jobs
 
 LOGGER = logging.getLogger("cmb_workflow")
@@ -27,12 +29,19 @@ CRASH_LOGGER.propagate = False
 
 # The brain mask's quality columns come from its sidecar (see interfaces.brainmask.mask_quality).
 MASK_QUALITY_COLUMNS = ("brain_volume_ml", "mask_fov_edge_fraction")
-SUMMARY_COLUMNS = ("subject", "session", "run", "source", "n_cmb", "total_volume_mm3",
-                   *MASK_QUALITY_COLUMNS, "status", "message")
+CLASS_COLUMNS = ("n_lobar", "n_deep", "n_infratentorial", "strictly_lobar")
+SUMMARY_COLUMNS = ("subject", "session", "run", "source", "n_cmb", *CLASS_COLUMNS,
+                   "total_volume_mm3", *MASK_QUALITY_COLUMNS, "qc_flags", "status", "message")
+# OUT/qc.tsv: the metrics of interfaces.qc (its JSON keys) for every processed image.
+QC_COLUMNS = ("subject", "session", "run", "source", "brain_volume_ml", "mask_fov_edge_fraction",
+              "brain_outside_crop_fraction", "saturated_fraction", "dark_fraction", "n_clusters",
+              "largest_cluster_mm3", "template_brain_dice", "registration_error", "qc_flags")
 
 
-def run_study(in_dir, out_dir, config: dict) -> int:
-    """Process every image; returns 0 when all succeeded, 1 when some failed."""
+def run_study(in_dir, out_dir, config: dict, command_line: str = "") -> int:
+    """Process every image; returns 0 when all succeeded, 1 when some failed.
+
+    command_line: how the run was started, recorded in the reports."""
     out_dir = Path(out_dir).resolve()
     work_dir = Path(config["work_dir"] or out_dir / "work").resolve()
     descriptor = read_descriptor(config["models"])
@@ -74,10 +83,16 @@ def run_study(in_dir, out_dir, config: dict) -> int:
             batch_of.update({job.node_name: name for job in batch})
         if batches:
             execution.run(init_predict_study_wf(batches, prepared, config, str(out_dir),
-                                                str(work_dir), execution.predict_plugin_args))
+                                                str(work_dir), execution.predict_plugin_args,
+                                                command_line))
 
-    rows = _summary_rows(jobs, rejected, out_dir, _crash_reasons(crash_dir), prepared, batch_of)
-    _write_summary(out_dir / "cmb_summary.tsv", rows)
+    rows, qc_rows = _summary_rows(jobs, rejected, out_dir, _crash_reasons(crash_dir), prepared,
+                                  batch_of)
+    _write_tsv(out_dir / "cmb_summary.tsv", rows, SUMMARY_COLUMNS)
+    _write_tsv(out_dir / "qc.tsv", qc_rows, QC_COLUMNS)
+    from .reporting import write_index
+
+    write_index(out_dir, rows, SUMMARY_COLUMNS)
     failed = [row for row in rows if row["status"] != "ok"]
     for row in failed:
         LOGGER.error("FAILED %s: %s", row["source"], row["message"])
@@ -251,8 +266,10 @@ def _one_line_reason(lines: list[str]) -> str:
 
 
 def _summary_rows(jobs, rejected, out_dir: Path, reasons: dict[str, str], prepared: dict,
-                  batch_of: dict[str, str]) -> list[dict]:
-    rows = []
+                  batch_of: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """cmb_summary.tsv's rows (every image; `report`: its report's OUT-relative name, for the
+    index) and qc.tsv's (the processed images)."""
+    rows, qc_rows = [], []
     for job in jobs:
         entity = job.entity
         row = {"subject": entity["sub"], "session": entity.get("ses", ""),
@@ -269,21 +286,28 @@ def _summary_rows(jobs, rejected, out_dir: Path, reasons: dict[str, str], prepar
             with open(table, newline="") as handle:
                 lesions = list(csv.DictReader(handle, delimiter="\t"))
             row["n_cmb"] = len(lesions)
+            row.update(mars_counts(lesions))
             row["total_volume_mm3"] = round(sum(float(r["volume_mm3"]) for r in lesions), 2)
             sidecar = out_dir / f"{job.relative_prefix}_desc-brain_mask.json"
             quality = json.loads(sidecar.read_text())
             row.update({column: quality[column] for column in MASK_QUALITY_COLUMNS})
+            qc = json.loads((out_dir / f"{job.relative_prefix}_desc-cmb_qc.json").read_text())
+            qc["qc_flags"] = row["qc_flags"] = ",".join(qc["qc_flags"])
+            row["report"] = report_name(job.relative_prefix)
+            qc_rows.append({**{key: row[key] for key in QC_COLUMNS[:4]},
+                            **{key: "" if qc[key] is None else qc[key]
+                               for key in QC_COLUMNS[4:]}})
         rows.append(row)
     for source, reason in rejected:
         rows.append({"subject": "", "session": "", "run": "", "source": source, "n_cmb": "",
                      "total_volume_mm3": "", "status": "failed", "message": reason})
-    return rows
+    return rows, qc_rows
 
 
-def _write_summary(path: Path, rows: list[dict]) -> None:
+def _write_tsv(path: Path, rows: list[dict], columns) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, delimiter="\t",
-                            lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, delimiter="\t", lineterminator="\n",
+                            extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(buffer.getvalue(), path)

@@ -1,6 +1,9 @@
 """`cmb-workflow run` end to end on a small BIDS tree, as a user runs it."""
 
 import json
+import os
+import shutil
+import subprocess
 
 import nibabel as nib
 import numpy as np
@@ -99,6 +102,50 @@ def test_summary_and_dataset_description(h5_run):
     assert description["DatasetType"] == "derivative"
     assert description["GeneratedBy"][0]["Name"] == "cmb-workflow"
     assert not list(out.rglob(".*.nii.gz*")), "temporary files left behind"
+
+
+def test_lesion_regions_qc_and_summary_columns(h5_run):
+    _, out, _ = h5_run
+    rows = read_tsv(out / "sub-01/anat/sub-01_desc-cmb_lesions.tsv")
+    assert all(row["mars_class"] in ("lobar", "deep", "infratentorial") for row in rows)
+    assert all(row["hemisphere"] in ("left", "right") for row in rows)
+    summary = {row["subject"]: row for row in read_tsv(out / "cmb_summary.tsv")}
+    ok = summary["01"]
+    assert int(ok["n_lobar"]) + int(ok["n_deep"]) + int(ok["n_infratentorial"]) == 2
+    assert ok["strictly_lobar"] in ("yes", "no")
+    assert "qc_flags" in ok and summary["04"]["qc_flags"] == ""
+    # sub-03's field of view stops 5 mm below the top of the brain.
+    assert "brain_cut_by_fov" in summary["03"]["qc_flags"]
+    qc = {row["subject"]: row for row in read_tsv(out / "qc.tsv")}
+    assert set(qc) == {"01", "02", "03"} and float(qc["01"]["template_brain_dice"]) > 0.75
+
+
+def test_reports_render_in_headless_chromium(h5_run, tmp_path):
+    _, out, _ = h5_run
+    report = out / "sub-01_report.html"
+    index = out / "index.html"
+    text = report.read_text()
+    # Overview, axial mosaic and one thumbnail per lesion, all embedded; the lesion table.
+    assert text.count('<img src="data:image/png;base64,') == 2 + 2
+    assert "<table" in text and "fold0.h5" in text and "cmb-workflow run" in text
+    assert "sub-01_report.html" in index.read_text() and "sub-04_swi.nii.gz" in index.read_text()
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing; CI installs it (containers/install.sh)")
+        pytest.skip("chromium is not installed")
+    import matplotlib.image
+
+    # Text alone covers about 1 % of a page; the report's figures (dark backgrounds) far more.
+    for page, least_drawn in ((report, 0.08), (index, 0.03)):
+        png = tmp_path / f"{page.stem}.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--hide-scrollbars", f"--screenshot={png}", "--window-size=1300,2400",
+                        page.as_uri()], check=True, capture_output=True, timeout=120)
+        pixels = matplotlib.image.imread(png)[..., :3]
+        drawn = (pixels.min(axis=-1) < 0.9).mean()
+        assert drawn > least_drawn, (page.name, drawn)
+        shutil.copy(png, out / "logs" / png.name)  # to look at after the run
 
 
 def test_rerun_recomputes_nothing_and_gives_identical_outputs(h5_run):

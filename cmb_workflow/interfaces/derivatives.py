@@ -7,6 +7,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, Sim
                                     TraitedSpec, traits)
 
 from ..imageops import copy_atomic, remove_stale_temporaries, write_text_atomic
+from ..regions import MARS_CLASSES, REGION_COLUMNS, REGIONS
 from .lesions import LESION_COLUMNS
 
 LESION_SIDECAR = {
@@ -17,7 +18,20 @@ LESION_SIDECAR = {
     "volume_mm3": {"Description": "Lesion volume on the 1 mm analysis grid", "Units": "mm^3"},
     "max_prob": {"Description": "Highest ensemble probability inside the lesion"},
     "mean_prob": {"Description": "Mean ensemble probability inside the lesion"},
+    "region": {"Description": "MARS region covering most of the lesion's voxels (the centroid "
+                              "breaks ties), from the bundled atlas registered to the image",
+               "Levels": {name: name.replace("_", " ") for name in (*REGIONS, "unknown")}},
+    "mars_class": {"Description": "Microbleed Anatomical Rating Scale class of the region",
+                   "Levels": {name: name for name in (*MARS_CLASSES, "unknown")}},
+    "hemisphere": {"Description": "Side of the region", "Levels": {
+        "left": "left", "right": "right", "unknown": "no atlas region (registration failed or "
+                                                     "the lesion lies outside the atlas)"}},
 }
+
+
+def report_name(relative_prefix: str) -> str:
+    """OUT-relative name of an image's report: OUT/sub-01_ses-1[_run-1]_report.html."""
+    return Path(relative_prefix).name + "_report.html"
 
 
 class WriteDerivativesInputSpec(BaseInterfaceInputSpec):
@@ -30,7 +44,9 @@ class WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     brain_mask = File(exists=True, mandatory=True)
     brain_mask_quality = File(exists=True, mandatory=True,
                               desc="JSON: brain volume and field-of-view edge fraction")
-    lesion_table = File(exists=True, mandatory=True, desc="JSON rows from LabelLesions")
+    lesion_table = File(exists=True, mandatory=True, desc="JSON rows from LesionRegions")
+    qc = File(exists=True, mandatory=True, desc="QualityControl's JSON")
+    report = File(exists=True, mandatory=True, desc="SubjectReport's HTML")
     settings = traits.Dict(desc="settings recorded in the sidecars (threshold, model, ...)")
 
 
@@ -71,11 +87,17 @@ class WriteDerivatives(SimpleInterface):
                           target("desc-cmb_probseg.json"))
 
         rows = json.loads(Path(self.inputs.lesion_table).read_text())
-        lines = ["\t".join(LESION_COLUMNS)]
-        lines += ["\t".join(str(row[column]) for column in LESION_COLUMNS) for row in rows]
+        columns = (*LESION_COLUMNS, *REGION_COLUMNS)
+        lines = ["\t".join(columns)]
+        lines += ["\t".join(str(row[column]) for column in columns) for row in rows]
         write_text_atomic("\n".join(lines) + "\n", target("desc-cmb_lesions.tsv"))
         write_text_atomic(json.dumps(LESION_SIDECAR, indent=2) + "\n",
                           target("desc-cmb_lesions.json"))
+        copy_atomic(self.inputs.qc, target("desc-cmb_qc.json"))
+        report = root / report_name(self.inputs.relative_prefix)
+        remove_stale_temporaries(report)
+        copy_atomic(self.inputs.report, report)
+        written.append(str(report))
 
         self._results.update(out_files=written, n_lesions=len(rows))
         return runtime

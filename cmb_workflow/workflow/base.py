@@ -16,7 +16,8 @@ def init_preprocess_study_wf(jobs, config: dict, handoff_dir: str, work_dir: str
 
 
 def init_predict_study_wf(batches: dict, prepared: dict, config: dict, out_dir: str,
-                          work_dir: str, predict_plugin_args: dict | None = None) -> pe.Workflow:
+                          work_dir: str, predict_plugin_args: dict | None = None,
+                          command_line: str = "") -> pe.Workflow:
     """batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record."""
     workflow = pe.Workflow(name="predict", base_dir=str(work_dir))
     for batch_name, batch in batches.items():
@@ -33,8 +34,8 @@ def init_predict_study_wf(batches: dict, prepared: dict, config: dict, out_dir: 
             predict.plugin_args = predict_plugin_args
         batch_wf.add_nodes([predict])
         for index, job in enumerate(batch):
-            image_wf = init_postprocess_wf(job, prepared[job.node_name]["brain_mask"], config,
-                                           str(out_dir), name=job.node_name)
+            image_wf = init_postprocess_wf(job, prepared[job.node_name], config, str(out_dir),
+                                           command_line=command_line, name=job.node_name)
             workflow.connect(batch_wf, ("predict.out_files", _pick, index),
                              image_wf, "inputnode.probability")
     return workflow

@@ -13,7 +13,9 @@ BRAIN_MASK_MODES = ("auto", "supplied", "none")
 
 def init_brain_mask_wf(job, config: dict, *, name: str = "brain_mask") -> pe.Workflow:
     """inputnode.in_file: the conformed image (and supplied_mask, connected when job.mask is
-    set) -> outputnode.out_file: its brain mask.
+    set) -> outputnode.out_file: its brain mask; outputnode.template_transforms and
+    registration_error: the MNI152 template registered to the image, which every mode has (the
+    lesion regions need it), but only the template mask depends on.
 
     A mask supplied with the image is always used; without one, config brain_mask decides:
     auto (the brain-mask model if brain_mask_model is set, else the registered template),
@@ -25,9 +27,17 @@ def init_brain_mask_wf(job, config: dict, *, name: str = "brain_mask") -> pe.Wor
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "supplied_mask"]),
                         name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_file"]), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["out_file", "template_transforms", "registration_error"]), name="outputnode")
+    method = "supplied" if job.mask is not None else {"auto": "template"}.get(mode, mode)
+    use_model = job.mask is None and mode == "auto" and config["brain_mask_model"]
+    register = pe.Node(RegisterTemplate(required=method == "template" and not use_model),
+                       name="register_template")
+    workflow.connect([(inputnode, register, [("in_file", "in_file")]),
+                      (register, outputnode, [("forward_transforms", "template_transforms"),
+                                              ("error", "registration_error")])])
 
-    if job.mask is None and mode == "auto" and config["brain_mask_model"]:
+    if use_model:
         predict = pe.Node(PredictBrainMask(
             model_descriptor=str(config["brain_mask_model"]),
             allow_unverified=config["allow_unverified_models"],
@@ -39,15 +49,12 @@ def init_brain_mask_wf(job, config: dict, *, name: str = "brain_mask") -> pe.Wor
                           (predict, outputnode, [("out_file", "out_file")])])
         return workflow
 
-    method = "supplied" if job.mask is not None else {"auto": "template"}.get(mode, mode)
     brain_mask = pe.Node(BrainMask(method=method), name="brain_mask")
     workflow.connect([(inputnode, brain_mask, [("in_file", "in_file")]),
                       (brain_mask, outputnode, [("out_file", "out_file")])])
     if job.mask is not None:
         workflow.connect(inputnode, "supplied_mask", brain_mask, "supplied_mask")
     elif method == "template":
-        register = pe.Node(RegisterTemplate(), name="register_template")
-        workflow.connect([(inputnode, register, [("in_file", "in_file")]),
-                          (register, brain_mask, [("forward_transforms", "template_transforms"),
-                                                  ("intensity_mask", "intensity_mask")])])
+        workflow.connect(register, "forward_transforms", brain_mask, "template_transforms")
+        workflow.connect(register, "intensity_mask", brain_mask, "intensity_mask")
     return workflow

@@ -1,8 +1,10 @@
 """Per-image graphs on either side of the batched prediction.
 
-preprocessing: conform -> brain mask -> crop -> normalise -> handoff;
-post-processing: lesions -> native -> derivatives.
+preprocessing: conform -> brain mask (and template registration) -> crop -> normalise -> handoff;
+post-processing: lesions -> regions -> native -> QC -> derivatives -> report.
 """
+
+from pathlib import Path
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
@@ -14,6 +16,9 @@ from ..interfaces.handoff import Handoff
 from ..interfaces.lesions import LabelLesions
 from ..interfaces.native import ToNative
 from ..interfaces.normalize import Normalize
+from ..interfaces.qc import QualityControl
+from ..interfaces.regions import LesionRegions
+from ..interfaces.report import SubjectReport
 from .brainmask import init_brain_mask_wf
 
 
@@ -45,37 +50,59 @@ def init_preprocess_wf(job, config: dict, handoff_file: str, *, name: str) -> pe
         (brain_mask, crop, [("outputnode.out_file", "mask_file")]),
         (crop, normalize, [("out_file", "in_file"), ("out_mask", "mask_file")]),
         (normalize, handoff, [("out_file", "image")]),
-        (crop, handoff, [("out_mask", "mask")]),
-        (brain_mask, handoff, [("outputnode.out_file", "brain_mask")]),
+        (crop, handoff, [("out_mask", "mask"), ("box_file", "box")]),
+        (conform, handoff, [("out_file", "conformed")]),
+        (brain_mask, handoff, [("outputnode.out_file", "brain_mask"),
+                               ("outputnode.template_transforms", "template_transforms"),
+                               ("outputnode.registration_error", "registration_error")]),
     ])
     return workflow
 
 
-def init_postprocess_wf(job, brain_mask: str, config: dict, out_dir: str, *,
-                        name: str) -> pe.Workflow:
-    """Workflow for one image from its probability map (inputnode.probability) to OUT."""
+def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
+                        command_line: str = "", name: str) -> pe.Workflow:
+    """Workflow for one image from its probability map (inputnode.probability) to OUT;
+    prepared: the image's Handoff record."""
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["probability"]), name="inputnode")
     lesions = pe.Node(LabelLesions(threshold=config["threshold"],
                                    connectivity=config["connectivity"],
                                    min_size=config["min_lesion_size"]), name="lesions")
-    to_native = pe.Node(ToNative(reference=str(job.source), brain_mask=brain_mask),
+    regions = pe.Node(LesionRegions(brain_mask=prepared["mask"],
+                                    template_transforms=prepared["template_transforms"],
+                                    registration_error=prepared["registration_error"]),
+                      name="regions")
+    to_native = pe.Node(ToNative(reference=str(job.source), brain_mask=prepared["brain_mask"]),
                         name="to_native")
+    qc = pe.Node(QualityControl(image=prepared["image"], mask=prepared["mask"],
+                                box=prepared["box"], limits=config["qc"]), name="qc")
     write = pe.Node(WriteDerivatives(out_dir=out_dir, relative_prefix=job.relative_prefix,
                                      source_file=str(job.source),
                                      settings=_recorded_settings(config)),
                     name="write_derivatives", run_without_submitting=True)
     # Outputs are cheap to copy; writing them every run restores a deleted or edited OUT.
     write.overwrite = True
+    report = pe.Node(SubjectReport(
+        title=Path(job.relative_prefix).name, source_file=str(job.source),
+        conformed=prepared["conformed"], brain_mask=prepared["brain_mask"], box=prepared["box"],
+        model_descriptor=str(config["models"]), command_line=command_line), name="report")
 
     workflow.connect([
         (inputnode, lesions, [("probability", "in_file")]),
         (inputnode, to_native, [("probability", "probability")]),
+        (lesions, regions, [("out_labels", "labels"), ("out_table", "lesion_table")]),
         (lesions, to_native, [("out_labels", "labels"), ("out_table", "lesion_table")]),
         (to_native, write, [("probability", "probability"), ("labels", "labels"),
                             ("brain_mask", "brain_mask"),
                             ("brain_mask_quality", "brain_mask_quality")]),
-        (lesions, write, [("out_table", "lesion_table")]),
+        (to_native, qc, [("brain_mask_quality", "brain_mask_quality")]),
+        (regions, qc, [("out_quality", "registration_quality"), ("out_table", "lesion_table")]),
+        (regions, write, [("out_table", "lesion_table")]),
+        (qc, write, [("out_file", "qc")]),
+        (lesions, report, [("out_labels", "labels")]),
+        (regions, report, [("out_table", "lesion_table")]),
+        (qc, report, [("out_file", "qc")]),
+        (report, write, [("out_file", "report")]),
     ])
     return workflow
 
