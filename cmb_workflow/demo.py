@@ -40,6 +40,7 @@ def run_from_args(args) -> int:
                       out_tsv=out / "evaluation.tsv")
     print(format_tables(tables))
     print(f"\nResults (BIDS derivatives): {results}\nSummary: {results / 'cmb_summary.tsv'}\n"
+          f"Reports (open in a browser): {results / 'index.html'}\n"
           f"Evaluation: {out / 'evaluation.tsv'}\nThe demo model was trained on synthetic "
           "phantoms only; use --models with SHIVA-CMB weights for real scans.")
     return status

@@ -38,7 +38,7 @@ def test_demo_finds_most_microbleeds_of_a_fixed_phantom(tmp_path, capsys):
     status = main(["demo", str(tmp_path), "--n-subjects", "1", "--seed", "4"])
     assert status == 0
     printed = capsys.readouterr().out
-    assert "sens" in printed and str(tmp_path / "results") in printed
+    assert "sens" in printed and str(tmp_path / "results" / "index.html") in printed
     with open(tmp_path / "evaluation.tsv", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     distance = [row for row in rows if row["view"] == "distance"]
