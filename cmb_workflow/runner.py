@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -212,7 +213,13 @@ def _configure_nipype(work_dir: Path, crash_dir: Path, log_dir: Path) -> Path:
             nipype_handler.setLevel(logging.CRITICAL)
     # A plain handler: Nipype's own log file uses a lock that forked MultiProc workers break.
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_dir / f"cmb-workflow_{time.strftime('%Y%m%d-%H%M%S')}.log"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_file = log_dir / f"cmb-workflow_{stamp}.log"
+    # A second run started within the same second gets a log of its own.
+    for repeat in itertools.count(2):
+        if not log_file.exists():
+            break
+        log_file = log_dir / f"cmb-workflow_{stamp}-{repeat}.log"
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     for name in ("cmb_workflow", "cmb_workflow.crash", "nipype.workflow"):
