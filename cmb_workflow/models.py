@@ -145,7 +145,9 @@ def _float32_config(config):
     return config
 
 
-def _load_h5(path: Path):
+def load_h5_model(path: Path):
+    """The tf_keras model of a v1 .h5 file, rebuilt in float32. It runs the file's Lambda
+    bytecode: only for files verified against their descriptor (or explicitly allowed)."""
     import h5py
     tf = import_tensorflow()
     import tf_keras
@@ -156,8 +158,8 @@ def _load_h5(path: Path):
     if raw is None:
         raise ModelError(f"{path}: HDF5 file holds no Keras model config")
     config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    # Lambda layers are Python bytecode; load_ensemble reaches here only for verified files
-    # (or files the user explicitly allowed), so their deserialisation is permitted.
+    # Lambda layers are Python bytecode; callers pass verified files only, so their
+    # deserialisation is permitted.
     with serialization_lib.SafeModeScope(safe_mode=False):
         try:
             model = tf_keras.models.model_from_json(json.dumps(_float32_config(config)),
@@ -165,6 +167,11 @@ def _load_h5(path: Path):
         except ValueError as exc:
             raise ModelError(f"{path}: cannot rebuild the model ({exc})") from exc
     model.load_weights(str(path))
+    return model
+
+
+def _load_h5(path: Path):
+    model = load_h5_model(path)
     expected = tuple(model.input_shape[1:])
 
     def predict(batch):

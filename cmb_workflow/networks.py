@@ -9,6 +9,7 @@ endpoint). Used by the tests, the demo-model trainer and the benchmarks.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -154,15 +155,29 @@ def build_detector_ensemble(folder: Path, fmt: str, *, folds: int = 2, **fields)
                             names_relative_to=folder.parent if fmt != "h5" else None, **fields)
 
 
-def build_unet_ensemble(folder: Path, *, folds: int = 3, **unet_kwargs) -> tuple[Path, int]:
+def build_unet_ensemble(folder: Path, *, folds: int = 3, fmt: str = "h5", **unet_kwargs):
     """A SHIVA-sized ensemble for benchmarks: randomly initialised U-Nets (speed does not depend
-    on the weights) as v1 .h5 files saved under mixed_float16, like the public release.
+    on the weights), as v1 .h5 files saved under mixed_float16 like the public release, or as v2
+    SavedModels (float32: a mixed_float16 export does not run on CPU).
 
-    Returns the descriptor and the parameters per fold.
+    Returns the descriptor and the last fold's model (for its parameter and FLOP counts).
     """
-    K = keras_module("h5")
+    K = keras_module(fmt)
     paths = []
     for fold in range(folds):
-        model = build_with_policy(K, build_unet, mixed_precision=True, **unet_kwargs)
-        paths.append(save_fold(model, folder, f"fold{fold}", "h5"))
-    return write_descriptor(folder, paths), model.count_params()
+        model = build_with_policy(K, build_unet, mixed_precision=fmt == "h5", **unet_kwargs)
+        paths.append(save_fold(model, folder, f"fold{fold}", fmt))
+    return write_descriptor(folder, paths), model
+
+
+def forward_flops(model) -> int:
+    """Floating-point operations of one forward pass of one image: 2 per multiply-add of the
+    convolutions (pooling, activations and additions are comparatively negligible)."""
+    flops = 0
+    for layer in model.layers:
+        if "Conv" not in type(layer).__name__ or not hasattr(layer, "kernel"):
+            continue
+        # A convolution visits every output voxel, a transposed one every input voxel.
+        grid = layer.input.shape if "Transpose" in type(layer).__name__ else layer.output.shape
+        flops += 2 * math.prod(tuple(layer.kernel.shape)) * math.prod(tuple(grid)[1:-1])
+    return flops

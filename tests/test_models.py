@@ -115,3 +115,17 @@ def test_float32_rebuild_changes_policies_only():
     assert rebuilt["name"] == "mixed_1" and rebuilt["layers"][0]["name"] == "mixed_block"
     assert rebuilt["dtype"] == "float32"
     assert rebuilt["layers"][0]["dtype"]["config"]["name"] == "float32"
+
+
+def test_forward_flops_counts_two_per_multiply_add_of_each_convolution():
+    """The benchmarks' FLOP count, on a network small enough to count by hand."""
+    from cmb_workflow.networks import forward_flops, keras_module
+
+    K = keras_module("savedmodel")
+    inputs = K.layers.Input((8, 8, 8, 1))
+    x = K.layers.Conv3D(4, 3, padding="same")(inputs)  # 8^3 outputs x 27 x 1 x 4 multiply-adds
+    x = K.layers.MaxPooling3D(2)(x)
+    # A transposed convolution visits every input voxel: 4^3 x 8 x 4 x 2.
+    x = K.layers.Conv3DTranspose(2, 2, strides=2)(x)
+    model = K.Model(inputs, x)
+    assert forward_flops(model) == 2 * (8 ** 3 * 27 * 4 + 4 ** 3 * 8 * 4 * 2)
