@@ -19,6 +19,7 @@ writing). The CPU may be shared with other work: compare figures taken in one ru
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,15 +40,6 @@ def peak_rss_gb() -> float:
     status = Path("/proc/self/status").read_text()
     kilobytes = next(line for line in status.splitlines() if line.startswith("VmHWM"))
     return int(kilobytes.split()[1]) / 2 ** 20
-
-
-def synthetic_crop(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A cropped, scaled scan stand-in: noise inside an ellipsoid brain; and that brain mask."""
-    grid = np.indices(SHAPE, dtype=np.float32)
-    radius = sum(((axis - n / 2) / (0.42 * n)) ** 2 for axis, n in zip(grid, SHAPE))
-    mask = (radius < 1).astype(np.uint8)
-    image = np.random.default_rng(seed).uniform(0.3, 0.8, SHAPE).astype(np.float32) * mask
-    return image, mask
 
 
 def reference_job(models: str, crop: str, out: str) -> tuple[float, float]:
@@ -114,8 +106,6 @@ def run_job(models: Path, approach: str, crops: list, masks: list, out: Path):
 
 def peak_flops() -> tuple[float, int, float]:
     """FP32 peak of the cores this process may use: cores x 32 FLOP/cycle x clock."""
-    import os
-
     text = Path("/proc/cpuinfo").read_text()
     ghz = float(next(line for line in text.splitlines() if line.startswith("cpu MHz"))
                 .split(":")[1]) / 1000
@@ -124,13 +114,17 @@ def peak_flops() -> tuple[float, int, float]:
 
 
 def write_crops(folder: Path, count: int) -> tuple[list, list]:
-    """Distinct scans (uncompressed: reading them is not what is measured), one mask."""
+    """Distinct cropped, scaled scan stand-ins (noise inside an ellipsoid brain) and their one
+    brain mask; uncompressed: reading them is not what is measured."""
+    grid = np.indices(SHAPE, dtype=np.float32)
+    radius = sum(((axis - n / 2) / (0.42 * n)) ** 2 for axis, n in zip(grid, SHAPE))
+    mask = (radius < 1).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), folder / "mask.nii")
     crops = []
     for seed in range(count):
-        image, mask = synthetic_crop(seed)
+        image = np.random.default_rng(seed).uniform(0.3, 0.8, SHAPE).astype(np.float32) * mask
         crops.append(folder / f"crop{seed:02d}.nii")
         nib.save(nib.Nifti1Image(image, np.eye(4)), crops[-1])
-    nib.save(nib.Nifti1Image(mask, np.eye(4)), folder / "mask.nii")
     return crops, [folder / "mask.nii"] * count
 
 

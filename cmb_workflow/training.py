@@ -113,7 +113,8 @@ def sample_batch(rng, subjects, batch_size: int, patch: int, hard_negatives: boo
     half = patch // 2
     for index in range(batch_size):
         subject = rng.integers(len(subjects))
-        mined = hard_negatives and index % 4 == 1 and len(false_positives) and rng.integers(2)
+        hard_slot = hard_negatives and index % 4 == 1
+        mined = hard_slot and len(false_positives) and rng.integers(2)
         if mined:
             subject, voxels = false_positives[rng.integers(len(false_positives))]
         data, mask, target, lesion_voxels, dark_voxels = subjects[subject]
@@ -122,7 +123,7 @@ def sample_batch(rng, subjects, batch_size: int, patch: int, hard_negatives: boo
         elif index % 2 == 0 and len(lesion_voxels):
             centre = lesion_voxels[rng.integers(len(lesion_voxels))] + rng.integers(
                 -half + 6, half - 6, 3)
-        elif hard_negatives and index % 4 == 1 and len(dark_voxels):
+        elif hard_slot and len(dark_voxels):
             centre = dark_voxels[rng.integers(len(dark_voxels))]
         else:
             brain = np.flatnonzero(mask)
