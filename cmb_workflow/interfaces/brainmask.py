@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
                                     SimpleInterface, TraitedSpec, isdefined, traits)
 from scipy import ndimage
@@ -15,6 +16,10 @@ from ..registration import mni152, warp_to_subject
 # Grown by this much, the template's mask keeps cortical microbleeds that a registration a
 # millimetre or two short of the cortex would cut off.
 TEMPLATE_MASK_DILATION_MM = 1
+# A microbleed on the cortex is as dark as the CSF and skull beyond it, so the intensity mask
+# has a dent there, deeper than the microbleed after the mask's opening. Closed by this radius,
+# the dents of held-out phantoms' 5-9 mm cortical microbleeds were filled (with 5 mm, cut in half).
+DENT_CLOSING_MM = 8
 
 
 class BrainMaskInputSpec(BaseInterfaceInputSpec):
@@ -58,15 +63,25 @@ class BrainMask(SimpleInterface):
 
 def template_mask(image_file, transforms, within: np.ndarray) -> np.ndarray:
     """The template's brain mask on the image's grid: holes filled, grown, kept within the
-    image's intensity-based mask (dark skull, sinuses and air are not brain), largest part."""
-    warped = np.asarray(warp_to_subject(mni152("brain_mask"), image_file, transforms).dataobj)
-    mask = ndimage.binary_fill_holes(warped >= 0.5)
-    mask = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1),
-                                   iterations=TEMPLATE_MASK_DILATION_MM)
-    mask = largest_component(mask & within)
+    image's intensity-based mask (dark skull, sinuses and air are not brain), largest part,
+    its dents closed (within the template's mask)."""
+    warped = warp_to_subject(mni152("brain_mask"), image_file, transforms)
+    template = ndimage.binary_fill_holes(np.asarray(warped.dataobj) >= 0.5)
+    template = ndimage.binary_dilation(template, ndimage.generate_binary_structure(3, 1),
+                                       iterations=TEMPLATE_MASK_DILATION_MM)
+    mask = largest_component(template & within)
     if not mask.any():
         raise ImageError(f"{image_file}: the registered template brain lies outside the image")
-    return mask
+    return close_dents(mask, warped.header.get_zooms()[:3]) & template
+
+
+def close_dents(mask: np.ndarray, zooms) -> np.ndarray:
+    """The mask closed by a ball of DENT_CLOSING_MM."""
+    # SimpleITK's closing pads the border, so a mask cut by the field of view is not eaten.
+    radius = [int(np.ceil(DENT_CLOSING_MM / zoom)) for zoom in zooms]
+    closed = sitk.BinaryMorphologicalClosing(sitk.GetImageFromArray(mask.astype(np.uint8)),
+                                             radius[::-1], sitk.sitkBall)
+    return sitk.GetArrayFromImage(closed).astype(bool)
 
 
 def mask_quality(mask: np.ndarray, zooms) -> dict:
