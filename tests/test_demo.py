@@ -17,7 +17,8 @@ def test_bundled_demo_model_is_verified_and_labelled_a_demo():
     info = json.loads(demo_model_descriptor().read_text())
     assert "DEMO MODEL" in info["description"] and "NOT for real scans" in info["description"]
     training = json.loads((demo_model_descriptor().parent / "training.json").read_text())
-    assert training["seed"] and training["steps"] > 0
+    assert training["seed"] and len(training["folds"]) == len(descriptor.files)
+    assert all(fold["steps"] > 0 for fold in training["folds"])
 
 
 def test_lesion_target_marks_the_diameter_around_world_centres():
@@ -55,12 +56,15 @@ def test_demo_finds_most_microbleeds_of_a_fixed_phantom(tmp_path, capsys):
 def test_training_is_reproducible_from_its_seed(tmp_path):
     """Two tiny trainings from the same seed give the same network."""
     from cmb_workflow.models import load_ensemble
-    from cmb_workflow.training import train
+    from cmb_workflow.training import FoldRecipe, train
 
     image = np.random.default_rng(0).random((1, 160, 214, 176, 1), dtype=np.float32)
+    # Both ways of picking a microbleed: per lesion voxel, and per microbleed after step 1.
+    recipes = (FoldRecipe(steps=3), FoldRecipe(steps=3, lesion_chance_power=0.0,
+                                               from_fraction=0.34))
     predictions = []
     for run in ("a", "b"):
-        descriptor = train(tmp_path / run, n_subjects=1, steps=3, batch_size=2, patch=16,
+        descriptor = train(tmp_path / run, recipes=recipes, n_subjects=1, batch_size=2, patch=16,
                            base_filters=2, levels=2, seed=11)
         predictions.append(load_ensemble(descriptor, allow_unverified=False).predict(image))
     np.testing.assert_array_equal(predictions[0], predictions[1])
