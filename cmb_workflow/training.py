@@ -299,8 +299,9 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 40, batch
         fold_paths.append(save_fold(full, out_folder, f"demo_fold{fold}", "savedmodel"))
 
     training = {"seed": seed, "n_subjects": n_subjects,
-                "folds": [asdict(recipe) for recipe in recipes], "batch_size": batch_size, "patch": patch, "base_filters": base_filters,
-                "levels": levels, "learning_rate": learning_rate,
+                "folds": [asdict(recipe) for recipe in recipes], "batch_size": batch_size,
+                "patch": patch, "base_filters": base_filters, "levels": levels,
+                "learning_rate": learning_rate,
                 "dark_percentile": DARK_PERCENTILE, "hard_negatives_from": HARD_NEGATIVES_FROM,
                 "mining_at": list(MINING_AT), "mining": mining,
                 "parameters": int(full.count_params()),
@@ -309,7 +310,7 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 40, batch
     return write_descriptor(
         out_folder, fold_paths, json_name="model_info_savedmodel.json", version="demo-3",
         description="DEMO MODEL for cmb-workflow's synthetic phantoms only; NOT for real scans. "
-                    f"{len(recipes)} {levels}-level 3D U-Nets ({base_filters} base filters) "
+                    f"{len(recipes)} 3D U-Nets ({levels} levels, {base_filters} base filters) "
                     "trained on phantom patches by `cmb-workflow train-demo`.",
         training=f"cmb-workflow train-demo --seed {seed} (see training.json)")
 
