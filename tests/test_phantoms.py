@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 
 from cmb_workflow.synthetic import (GRIDS, MODALITIES, Grid, add_arguments, make_phantom,
                                     make_phantom_dataset, run_from_args, subject_plan)
-from cmb_workflow.synthetic.atlas import load_atlas
+from cmb_workflow.synthetic.atlas import DEEP_NUCLEI, load_atlas
 from cmb_workflow.synthetic.grids import MAX_VOXELS, place_grid, random_pose
 
 # Coarse voxels keep the tests fast while covering anisotropy, obliquity, axis orders and cuts.
@@ -92,6 +92,25 @@ def test_lesions_are_darker_than_their_surroundings(phantoms):
     for phantom in phantoms:
         image, labels, _ = phantom.arrays()
         assert_visibly_dark(image, labels, phantom.lesions)
+
+
+def test_iron_load_lies_on_the_dark_nuclei(phantoms):
+    """The iron map marks where the image is darkened: the pallidi, on every pose and grid."""
+    centre = DEEP_NUCLEI["globus_pallidus"][0]
+    for phantom in phantoms:
+        image, labels, brain = phantom.arrays()
+        iron = phantom.iron_load(phantom.image.affine, image.shape)
+        assert iron.shape == image.shape and iron.dtype == np.float32 and iron.max() <= 1
+        pallidi = (iron > 0.9) & (labels == 0)
+        # The white matter beside them, which the pallidum (the most iron-laden) is darker than.
+        beside = (ndi.binary_dilation(pallidi, iterations=4) & (brain == 1) & (iron == 0)
+                  & (labels == 0))
+        assert pallidi.any() and np.median(image[pallidi]) < 0.85 * np.median(image[beside])
+        # Both pallidum centres, mapped through the pose, fall where the map is highest.
+        for side in (1.0, -1.0):
+            world = phantom.pose @ [side * centre[0], *centre[1:], 1.0]
+            voxel = tuple(np.rint(world_to_index(phantom.image.affine, world[:3])).astype(int))
+            assert iron[voxel] > 0.8
 
 
 def test_grid_geometry_and_headers(phantoms):

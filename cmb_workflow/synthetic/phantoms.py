@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .. import __version__
 from ..imageops import save_atomic, write_text_atomic
@@ -94,6 +95,15 @@ class Phantom:
         drawing training patches; `image.affine` maps their indices to world mm."""
         return (self.image.get_fdata(dtype=np.float32), np.asanyarray(self.cmb_mask.dataobj),
                 np.asanyarray(self.brain_mask.dataobj))
+
+    def iron_load(self, affine, shape) -> np.ndarray:
+        """Relative iron load of the deep nuclei (0..1, globus pallidus 1), float32, on any grid
+        (`affine`: voxel index -> world mm): where the phantom's iron darkening lies."""
+        atlas = load_atlas()
+        index_to_atlas = np.linalg.inv(self.pose) @ affine
+        index_to_atlas[:3, 3] -= atlas.origin
+        return ndimage.affine_transform(atlas.iron, index_to_atlas[:3, :3], index_to_atlas[:3, 3],
+                                        output_shape=tuple(shape), order=1)
 
     def truth(self, source: str) -> dict:
         """The lesions JSON for this phantom saved at `source` (relative to the dataset root)."""
