@@ -59,9 +59,10 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     from cmb_workflow.training import FoldRecipe, train
 
     image = np.random.default_rng(0).random((1, 160, 214, 176, 1), dtype=np.float32)
-    # Both ways of picking a microbleed: per lesion voxel, and per microbleed after step 1.
+    # Both ways of picking a microbleed: per lesion voxel, and per microbleed after step 1;
+    # with and without darker iron.
     recipes = (FoldRecipe(steps=3), FoldRecipe(steps=3, lesion_chance_power=0.0,
-                                               from_fraction=0.34))
+                                               from_fraction=0.34, iron_darkening=0.4))
     predictions = []
     for run in ("a", "b"):
         descriptor = train(tmp_path / run, recipes=recipes, n_subjects=1, batch_size=2, patch=16,
