@@ -75,8 +75,9 @@ class FoldRecipe:
 # Per lesion voxel, the network missed small faint microbleeds (demo-2, 28 held-out phantoms:
 # sensitivity 0.81 on the 0.7x0.7x1.4 mm grid); every microbleed equally likely found them
 # (0.99) but with more false positives (1.1 per scan). Their average keeps the second one's hits
-# with the first one's few false positives (demo-4, 70 held-out phantoms: 0.97 and 0.45 per scan;
-# a third fold, lesion_chance_power 0.5, raised that to 0.64 on 28 of them: README, Performance).
+# with the first one's few false positives (demo-4, 70 held-out phantoms: 0.975 and 0.46 per scan;
+# a third fold, lesion_chance_power 0.5, took seed 999's 28 from 0.46 to 0.64 false positives per
+# scan: README, Performance).
 FOLD_RECIPES = (FoldRecipe(steps=2000, iron_darkening=IRON_DARKENING),
                 FoldRecipe(steps=4000, lesion_chance_power=0.0, from_fraction=0.25,
                            iron_darkening=IRON_DARKENING))
