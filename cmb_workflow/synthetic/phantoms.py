@@ -17,14 +17,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .. import __version__
 from ..imageops import save_atomic, write_text_atomic
 from .atlas import INNER_LAYER_EDGES_MM, LAYER_EDGE_WIDTH_MM, OUTER_LAYER_EDGES_MM, load_atlas
 from .features import (draw_lesions, draw_veins, make_veins, place_lesions, subsamples_per_axis,
                        subvoxel_offsets)
-from .grids import GRIDS, Grid, NativeGrid, place_grid, random_pose, resolve_grid
+from .grids import GRIDS, Grid, place_grid, random_pose, resolve_grid
 
 LOGGER = logging.getLogger("cmb_workflow.phantoms")
 
@@ -100,10 +99,7 @@ class Phantom:
         """Relative iron load of the deep nuclei (0..1, globus pallidus 1), float32, on any grid
         (`affine`: voxel index -> world mm): where the phantom's iron darkening lies."""
         atlas = load_atlas()
-        index_to_atlas = np.linalg.inv(self.pose) @ affine
-        index_to_atlas[:3, 3] -= atlas.origin
-        return ndimage.affine_transform(atlas.iron, index_to_atlas[:3, :3], index_to_atlas[:3, 3],
-                                        output_shape=tuple(shape), order=1)
+        return _resample(atlas.iron, _index_to_template(self.pose, affine, atlas), shape, (1, 1, 1))
 
     def truth(self, source: str) -> dict:
         """The lesions JSON for this phantom saved at `source` (relative to the dataset root)."""
@@ -157,8 +153,16 @@ def _template_image(atlas, contrast: Contrast, rng):
     return image
 
 
-def _resample(volume, index_to_template, native: NativeGrid, subsamples):
-    """Average of trilinear samples of a template volume at sub-positions of each native voxel.
+def _index_to_template(pose, affine, atlas):
+    """Voxel index of a grid (`affine`: index -> world mm) -> template array index."""
+    index_to_template = np.linalg.inv(pose) @ affine
+    index_to_template[:3, 3] -= atlas.origin
+    return index_to_template
+
+
+def _resample(volume, index_to_template, shape, subsamples):
+    """Average of trilinear samples of a template volume at sub-positions of each voxel of a
+    grid of `shape`.
 
     SimpleITK does the sampling (about 5x faster than scipy's affine_transform, on one thread).
     Its image axes run opposite to numpy's, so both index frames are reversed around the map.
@@ -167,7 +171,7 @@ def _resample(volume, index_to_template, native: NativeGrid, subsamples):
     matrix, offset = index_to_template[:3, :3], index_to_template[:3, 3]
     source = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
     resampler = sitk.ResampleImageFilter()
-    resampler.SetSize([int(n) for n in native.shape[::-1]])
+    resampler.SetSize([int(n) for n in shape[::-1]])
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     resampler.SetNumberOfThreads(1)
@@ -225,14 +229,13 @@ def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: in
     contrast = CONTRASTS[modality]
     pose = random_pose(streams["pose"], atlas.brain_centre)
     native = place_grid(streams["grid"], spec, pose, atlas)
-    # Native index -> template array index, for sampling the template maps.
-    index_to_template = np.linalg.inv(pose) @ native.affine
-    index_to_template[:3, 3] -= atlas.origin
+    index_to_template = _index_to_template(pose, native.affine, atlas)
 
     tissue_subsamples = subsamples_per_axis(native.voxel_size, TISSUE_SAMPLE_MM)
     image = _resample(_template_image(atlas, contrast, streams["contrast"]), index_to_template,
-                      native, tissue_subsamples)
-    brain = (_resample(atlas.brain, index_to_template, native, (1, 1, 1)) >= 0.5).astype(np.uint8)
+                      native.shape, tissue_subsamples)
+    brain = (_resample(atlas.brain, index_to_template, native.shape, (1, 1, 1))
+             >= 0.5).astype(np.uint8)
 
     darkness = np.zeros(native.shape, np.float32)
     labels = np.zeros(native.shape, np.int16)
