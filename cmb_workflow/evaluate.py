@@ -72,6 +72,16 @@ dice             voxel Dice of truth mask and predicted dseg (subject); pooled
                  empty (two empty masks give n/a, not 1) or either is absent,
                  and in size rows; whole masks, so ``min_diameter_mm`` does
                  not apply to it
+sensitivity_ci_low, sensitivity_ci_high
+                 95 % Wilson score interval of the sensitivity; n/a without
+                 reference lesions
+fp_per_scan_ci_low, fp_per_scan_ci_high
+                 95 % exact (Garwood) Poisson interval of the false positives
+                 per scan
+
+Both intervals treat lesions and false positives as independent of the scan
+they are on; when they cluster on a few scans the true uncertainty is larger.
+n/a in median rows.
 
 Pooled rows sum the counts over subjects, then take the ratios.  Median rows
 hold the per-subject median of every numeric column, leaving out subjects where
@@ -98,6 +108,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from scipy.stats import binomtest, chi2
 
 DEFAULT_SIZE_BINS_MM = (3.0, 5.0, 10.0)
 RESULTS_COLUMNS = ("label", "x", "y", "z", "volume_mm3")
@@ -111,7 +122,11 @@ RATE_COLUMNS = (
     "abs_count_diff",
     "dice",
 )
-COLUMNS = ("view", "scope", "group", "grid", "status", "n_subjects") + COUNT_COLUMNS + RATE_COLUMNS
+CI_COLUMNS = ("sensitivity_ci_low", "sensitivity_ci_high", "fp_per_scan_ci_low",
+              "fp_per_scan_ci_high")
+CI_LEVEL = 0.95
+COLUMNS = (("view", "scope", "group", "grid", "status", "n_subjects") + COUNT_COLUMNS
+           + RATE_COLUMNS + CI_COLUMNS)
 TABLE_NAMES = ("subjects", "summary", "by_size", "by_grid")
 # Affines written by different tools differ by float rounding; a real grid
 # mismatch is much larger than this.
@@ -472,6 +487,21 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
+def _sensitivity_interval(tp: int, n_ref: int) -> tuple[float, float]:
+    if not n_ref:
+        return math.nan, math.nan
+    interval = binomtest(tp, n_ref).proportion_ci(CI_LEVEL, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def _fp_per_scan_interval(fp: int, n_subjects: int) -> tuple[float, float]:
+    if not n_subjects:
+        return math.nan, math.nan
+    tail = (1.0 - CI_LEVEL) / 2
+    low = chi2.ppf(tail, 2 * fp) / 2 if fp else 0.0
+    return float(low) / n_subjects, float(chi2.ppf(1.0 - tail, 2 * fp + 2) / 2) / n_subjects
+
+
 def _size_bins(edges: tuple[float, ...]) -> list[tuple[str, float, float]]:
     bounds = (0.0, *edges, math.inf)
     bins = []
@@ -531,6 +561,8 @@ def _row(view, scope, group, grid, status, n_subjects, counts, abs_count_diff, d
         "fp_per_lesion": _ratio(fp, counts["n_ref"]),
         "abs_count_diff": abs_count_diff,
         "dice": dice,
+        **dict(zip(CI_COLUMNS, _sensitivity_interval(tp, tp + fn)
+                   + _fp_per_scan_interval(fp, n_subjects))),
     }
 
 
@@ -554,7 +586,7 @@ def _median_row(view: str, subject_rows: list[dict]) -> dict:
         values = np.array([r[name] for r in subject_rows], dtype=float)
         values = values[~np.isnan(values)]
         row[name] = float(np.median(values)) if values.size else math.nan
-    return row
+    return {**row, **dict.fromkeys(CI_COLUMNS, math.nan)}
 
 
 def _view_tables(view: str, outcomes: list[Outcome], edges: tuple[float, ...]) -> dict[str, list]:
@@ -634,6 +666,15 @@ _PRINTED = (
     ("abs_count_diff", "|dN|"),
     ("dice", "Dice"),
 )
+# Pooled sections also show the intervals (a key pair prints as "low-high").
+_PRINTED_POOLED = tuple(
+    column
+    for key, title in _PRINTED
+    for column in ((key, title),) + {
+        "sensitivity": ((CI_COLUMNS[:2], "sens 95% CI"),),
+        "fp_per_scan": ((CI_COLUMNS[2:], "FP/scan 95% CI"),),
+    }.get(key, ())
+)
 
 
 def _text_table(rows: list[dict], columns) -> list[str]:
@@ -642,7 +683,11 @@ def _text_table(rows: list[dict], columns) -> list[str]:
             return "n/a" if math.isnan(value) else f"{value:.3f}".rstrip("0").rstrip(".")
         return str(value)
 
-    body = [[cell(row[key]) for key, _ in columns] for row in rows]
+    def interval(low, high):
+        return "n/a" if math.isnan(low) else f"{low:.2f}-{high:.2f}"
+
+    body = [[interval(*(row[k] for k in key)) if isinstance(key, tuple) else cell(row[key])
+             for key, _ in columns] for row in rows]
     header = [title for _, title in columns]
     widths = [max(len(text) for text in column) for column in zip(header, *body)]
     return [
@@ -657,12 +702,14 @@ def format_tables(tables: dict) -> str:
     sections = (
         ("subjects", "Per subject", _PRINTED[:2] + (("status", "status"),) + _PRINTED[2:]),
         ("summary", "Summary (pooled = sums then ratios; median over subjects)",
-         (("scope", "scope"),) + _PRINTED[:1] + _PRINTED[2:]),
-        ("by_size", "By reference lesion diameter (pooled)", _PRINTED),
-        ("by_grid", "By acquisition grid (pooled)", _PRINTED),
+         (("scope", "scope"),) + _PRINTED_POOLED[:1] + _PRINTED_POOLED[2:]),
+        ("by_size", "By reference lesion diameter (pooled)", _PRINTED_POOLED),
+        ("by_grid", "By acquisition grid (pooled)", _PRINTED_POOLED),
     )
     for name, title, columns in sections:
         lines += [title, *_text_table(tables[name], columns), ""]
+    lines += ["95% CI: Wilson (sensitivity) and exact Poisson (FP/scan) intervals, lesions and "
+              "false positives taken as independent of their scans", ""]
     missing = sorted({r["group"] for r in tables["subjects"] if r["status"] == "missing_results"})
     if missing:
         lines.append("No results (all lesions counted as misses): " + ", ".join(missing))

@@ -340,6 +340,34 @@ def test_pooled_ratios_differ_from_subject_median(dirs):
     assert row({"t": summary}, "t", scope="median")["abs_count_diff"] == 1.5
 
 
+def test_pooled_rows_carry_wilson_and_poisson_intervals(dirs):
+    truth, results = dirs
+    write_truth(truth, "sub-01", [(*shifted(dx=k * 7), 4.0) for k in (-1, 0, 1)], grid="a")
+    write_results(results, "sub-01", [(*shifted(dx=-7), 30.0), (*CENTRE, 30.0), (12, -2, 8, 4.0)])
+    write_truth(truth, "sub-02", [(*CENTRE, 4.0)], grid="a")
+    write_results(results, "sub-02", [(*CENTRE, 30.0), (12, -2, -6, 4.0)])
+    write_truth(truth, "sub-03", [], grid="b")
+    write_results(results, "sub-03", [])
+
+    tables = ev.evaluate(truth, results)
+    by_grid = {r["group"]: r for r in tables["by_grid"]}
+
+    # 3 of 4 found, 2 false positives on 2 scans; textbook values of both intervals.
+    assert counts(by_grid["a"]) == (3, 2, 1)
+    assert by_grid["a"]["sensitivity_ci_low"] == pytest.approx(0.3006, abs=1e-4)
+    assert by_grid["a"]["sensitivity_ci_high"] == pytest.approx(0.9544, abs=1e-4)
+    assert by_grid["a"]["fp_per_scan_ci_low"] == pytest.approx(0.2422 / 2, abs=1e-4)
+    assert by_grid["a"]["fp_per_scan_ci_high"] == pytest.approx(7.2247 / 2, abs=1e-4)
+    # No false positive on one scan still leaves up to 3.69 per scan possible; no reference
+    # lesion leaves the sensitivity and its interval undefined.
+    assert (by_grid["b"]["fp_per_scan_ci_low"], by_grid["b"]["fp_per_scan_ci_high"]) == \
+        (0.0, pytest.approx(3.6889, abs=1e-4))
+    assert math.isnan(by_grid["b"]["sensitivity_ci_low"])
+    median = row(tables, "summary", scope="median")
+    assert all(math.isnan(median[name]) for name in ev.CI_COLUMNS)
+    assert "0.30-0.95" in ev.format_tables(tables)
+
+
 def test_discovery_skips_nested_results_and_unrelated_files(tmp_path):
     truth = tmp_path / "derivatives" / "phantom-truth" / "sub-01" / "anat"
     results = tmp_path / "derivatives" / "cmb-workflow" / "sub-01" / "anat"
