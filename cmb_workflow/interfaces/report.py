@@ -8,7 +8,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from matplotlib.colors import ListedColormap
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
@@ -22,7 +21,8 @@ from .lesions import LESION_COLUMNS
 ZOOM_HALF_MM = 16
 MAX_THUMBNAILS = 60
 MOSAIC_SLICES = 12
-LESION_COLOUR = ListedColormap(["red"])
+# Sub-voxel steps of the outline grid: enough for the outline to run along voxel edges.
+OUTLINE_STEPS = 8
 
 
 class SubjectReportInputSpec(BaseInterfaceInputSpec):
@@ -106,7 +106,7 @@ def _mosaic_figure(data, mask, window):
 
 
 def _lesion_figure(data, labels, row, index, window):
-    """The lesion (red overlay) in a 2 x ZOOM_HALF_MM window on three planes."""
+    """The lesion (red outline) in a 2 x ZOOM_HALF_MM window on three planes."""
     fig, axes = plt.subplots(1, 3, figsize=(6.0, 2.2), dpi=80)
     low = index - ZOOM_HALF_MM
     for ax, name, axis_pair in zip(axes, PLANE_NAMES, PLANE_AXES):
@@ -117,13 +117,25 @@ def _lesion_figure(data, labels, row, index, window):
         lesion = (labels[tuple(where)] == row["label"]).T
         ax.imshow(image, cmap="gray", origin="lower", vmin=window[0], vmax=window[1],
                   interpolation="nearest")
-        # A filled overlay: a contour vanishes around one-voxel lesions.
-        ax.imshow(np.ma.masked_where(~lesion, lesion), cmap=LESION_COLOUR, origin="lower",
-                  alpha=0.45, interpolation="nearest")
+        _outline_voxels(ax, lesion)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def _outline_voxels(ax, mask):
+    """Outline `mask` along its voxels' edges: a fill would hide the dark voxels the reader
+    must judge, and a plain contour runs through voxel centres, so it vanishes around a
+    one-voxel lesion."""
+    padded = np.pad(mask, 1)  # closes the outline where the lesion meets the window's edge
+    fine = np.kron(padded, np.ones((OUTLINE_STEPS, OUTLINE_STEPS)))
+    # Fine-grid centres in voxel coordinates; level 0.5 falls midway, on the voxel edges.
+    rows, columns = ((np.arange(n) + 0.5) / OUTLINE_STEPS - 1.5 for n in fine.shape)
+    limits = ax.get_xlim(), ax.get_ylim()
+    ax.contour(columns, rows, fine, levels=[0.5], colors="red", linewidths=0.8)
+    ax.set_xlim(*limits[0])
+    ax.set_ylim(*limits[1])
 
 
 def _lesion_caption(row) -> str:
