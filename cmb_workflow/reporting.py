@@ -31,6 +31,9 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }
 th { background: #f0f0f0; }
 th.sortable { cursor: pointer; }
+/* Wide tables scroll instead of running off the page; names and headers stay on one line. */
+.table-scroll { overflow-x: auto; }
+th, td a { white-space: nowrap; }
 .warn { background: #fff3cd; border: 1px solid #e0c060; padding: 0.4em 0.8em; }
 .ok { background: #e8f5e9; border: 1px solid #8c8; padding: 0.4em 0.8em; }
 .failed { background: #fde8e8; }
@@ -92,8 +95,8 @@ def table(columns, rows, *, sortable: bool = False, links: dict | None = None,
         css = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ""
         body.append(f"<tr{css}>{''.join(cells)}</tr>")
     css = ' class="sortable"' if sortable else ""
-    return (f"<table{css}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
-            "</table>")
+    return (f'<div class="table-scroll"><table{css}><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def page(title: str, body: str, *, script: bool = False) -> str:
