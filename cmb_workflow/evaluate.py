@@ -495,8 +495,6 @@ def _sensitivity_interval(tp: int, n_ref: int) -> tuple[float, float]:
 
 
 def _fp_per_scan_interval(fp: int, n_subjects: int) -> tuple[float, float]:
-    if not n_subjects:
-        return math.nan, math.nan
     tail = (1.0 - CI_LEVEL) / 2
     low = chi2.ppf(tail, 2 * fp) / 2 if fp else 0.0
     return float(low) / n_subjects, float(chi2.ppf(1.0 - tail, 2 * fp + 2) / 2) / n_subjects
@@ -666,15 +664,12 @@ _PRINTED = (
     ("abs_count_diff", "|dN|"),
     ("dice", "Dice"),
 )
-# Pooled sections also show the intervals (a key pair prints as "low-high").
-_PRINTED_POOLED = tuple(
-    column
-    for key, title in _PRINTED
-    for column in ((key, title),) + {
-        "sensitivity": ((CI_COLUMNS[:2], "sens 95% CI"),),
-        "fp_per_scan": ((CI_COLUMNS[2:], "FP/scan 95% CI"),),
-    }.get(key, ())
-)
+# Pooled sections also show the intervals, each after its figure (a key pair prints as
+# "low-high").
+_INTERVAL_AFTER = {"sensitivity": (CI_COLUMNS[:2], "sens 95% CI"),
+                   "fp_per_scan": (CI_COLUMNS[2:], "FP/scan 95% CI")}
+_PRINTED_POOLED = tuple(column for printed in _PRINTED
+                        for column in (printed, _INTERVAL_AFTER.get(printed[0])) if column)
 
 
 def _text_table(rows: list[dict], columns) -> list[str]:
