@@ -32,6 +32,9 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("--nprocs", type=int, help="processes for MultiProc (default: all cores)")
     parser.add_argument("--threshold", type=float,
                         help="probability above which a voxel is lesion (default 0.5)")
+    parser.add_argument("--min-peak-probability", type=float, metavar="P",
+                        help="keep only lesions whose highest probability reaches P (default: "
+                             "the model descriptor's min_peak_probability, else no such limit)")
     parser.add_argument("--participant-label", nargs="+", metavar="LABEL",
                         help="process only these subjects (with or without 'sub-')")
     parser.add_argument("--session-label", nargs="+", metavar="LABEL",
@@ -58,9 +61,9 @@ def _run(args) -> int:
     from .runner import run_study
 
     overrides = {key: getattr(args, key) for key in (
-        "models", "work_dir", "plugin", "nprocs", "threshold", "participant_label",
-        "session_label", "input_type", "masks_dir", "brain_mask", "brain_mask_model", "echo",
-        "allow_unverified_models")}
+        "models", "work_dir", "plugin", "nprocs", "threshold", "min_peak_probability",
+        "participant_label", "session_label", "input_type", "masks_dir", "brain_mask",
+        "brain_mask_model", "echo", "allow_unverified_models")}
     config = load_config(args.config, overrides)
     if not config["models"]:
         from .demo import demo_model_descriptor

@@ -43,6 +43,8 @@ class ModelDescriptor:
     version: str
     files: tuple[ModelFile, ...]
     info: dict = field(compare=False, hash=False)
+    # The lesion detection threshold the model was validated with, when its descriptor gives one.
+    min_peak_probability: float | None = None
 
 
 def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescriptor:
@@ -68,8 +70,15 @@ def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescript
         if not isinstance(entry, dict) or "name" not in entry:
             raise ModelError(f"{json_path}: each entry of 'files' needs a 'name'")
         files.append(ModelFile(_resolve(json_path, entry["name"]), entry.get("md5")))
+    min_peak = info.get("min_peak_probability")
+    if min_peak is not None and not is_probability(min_peak):
+        raise ModelError(f"{json_path}: min_peak_probability {min_peak!r} is not a probability")
     return ModelDescriptor(json_path, target, modalities, str(info.get("version", "")),
-                           tuple(files), info)
+                           tuple(files), info, None if min_peak is None else float(min_peak))
+
+
+def is_probability(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value <= 1
 
 
 def _letters(text: str) -> str:

@@ -19,7 +19,7 @@ from .bids import find_images
 from .configs import ConfigError
 from .imageops import write_text_atomic
 from .interfaces.derivatives import report_name
-from .models import read_descriptor, verify
+from .models import is_probability, read_descriptor, verify
 from .regions import mars_counts
 from .slurm import SLURM_PLUGINS, SbatchArgs, prepare as prepare_slurm, wait_for_jobs
 
@@ -48,6 +48,7 @@ def run_study(in_dir, out_dir, config: dict, command_line: str = "") -> int:
     descriptor = read_descriptor(config["models"])
     # Refuse a tampered model here, once, before any subject starts.
     verify(descriptor, allow_unverified=config["allow_unverified_models"])
+    config = _with_detection_thresholds(config, descriptor)
     if config["brain_mask_model"]:
         verify(read_descriptor(config["brain_mask_model"], expected_target="brain_mask"),
                allow_unverified=config["allow_unverified_models"])
@@ -100,6 +101,17 @@ def run_study(in_dir, out_dir, config: dict, command_line: str = "") -> int:
     LOGGER.info("%d image(s) processed, %d failed; summary: %s; log: %s", len(rows) - len(failed),
                 len(failed), out_dir / "cmb_summary.tsv", log_file)
     return 1 if failed else 0
+
+
+def _with_detection_thresholds(config: dict, descriptor) -> dict:
+    """config with min_peak_probability resolved (unset: the model's own, else none), both
+    thresholds checked."""
+    if config["min_peak_probability"] is None:
+        config = {**config, "min_peak_probability": descriptor.min_peak_probability or 0.0}
+    for key in ("threshold", "min_peak_probability"):
+        if not is_probability(config[key]):
+            raise ConfigError(f"{key} {config[key]!r}: expected a probability between 0 and 1")
+    return config
 
 
 def _batches(jobs, prepared: dict, size: int) -> dict[str, list]:

@@ -20,6 +20,8 @@ class LabelLesionsInputSpec(BaseInterfaceInputSpec):
                              desc="voxels with probability strictly above are lesion")
     connectivity = traits.Enum(26, 18, 6, usedefault=True, desc="neighbourhood of a lesion")
     min_size = traits.Int(1, usedefault=True, desc="smallest lesion kept, in voxels")
+    min_peak = traits.Range(0.0, 1.0, 0.0, usedefault=True,
+                            desc="lesions whose highest probability is below this are dropped")
 
 
 class LabelLesionsOutputSpec(TraitedSpec):
@@ -28,12 +30,19 @@ class LabelLesionsOutputSpec(TraitedSpec):
 
 
 def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
-                  connectivity: int, min_size: int):
-    """Labels 1..N ordered by descending volume (ties: scan order), and one row per lesion."""
+                  connectivity: int, min_size: int, min_peak: float = 0.0):
+    """Labels 1..N ordered by descending volume (ties: scan order), and one row per lesion.
+
+    A lesion is the voxels above `threshold` connected to each other; min_peak asks more of
+    its most confident voxel (a detection threshold), so a faint blob drops out whole instead
+    of shrinking, as a higher `threshold` would make it."""
     structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
     components, count = ndimage.label(probability > threshold, structure)
     sizes = np.bincount(components.ravel(), minlength=count + 1)
-    kept = np.nonzero(sizes[1:] >= min_size)[0] + 1
+    # In the map's own float32, so a peak written as min_peak counts as reaching it.
+    peaks = np.asarray(ndimage.maximum(probability, components, np.arange(1, count + 1)),
+                       dtype=probability.dtype).reshape(-1)
+    kept = np.nonzero((sizes[1:] >= min_size) & (peaks >= min_peak))[0] + 1
     kept = kept[np.lexsort((kept, -sizes[kept]))]
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[kept] = np.arange(1, len(kept) + 1)
@@ -43,7 +52,7 @@ def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
     voxel_volume = float(abs(np.linalg.det(affine[:3, :3])))
     centres = np.array(ndimage.center_of_mass(probability > threshold, components, kept))
     world = centres @ affine[:3, :3].T + affine[:3, 3]
-    maxima = ndimage.maximum(probability, components, kept)
+    maxima = peaks[kept - 1]
     means = ndimage.mean(probability, components, kept)
     rows = [{"label": new_label, "x": round(float(x), 2), "y": round(float(y), 2),
              "z": round(float(z), 2), "volume_mm3": round(float(sizes[old] * voxel_volume), 2),
@@ -61,7 +70,7 @@ class LabelLesions(SimpleInterface):
         img = nib.load(self.inputs.in_file)
         labels, rows = label_lesions(np.asarray(img.dataobj, dtype=np.float32), img.affine,
                                      self.inputs.threshold, self.inputs.connectivity,
-                                     self.inputs.min_size)
+                                     self.inputs.min_size, self.inputs.min_peak)
         cwd = Path(runtime.cwd)
         nib.save(nib.Nifti1Image(labels, img.affine), cwd / "lesion_labels.nii.gz")
         (cwd / "lesions.json").write_text(json.dumps(rows, indent=1))

@@ -36,6 +36,7 @@ class SubjectReportInputSpec(BaseInterfaceInputSpec):
     qc = File(exists=True, mandatory=True, desc="QualityControl's JSON")
     model_descriptor = File(exists=True, mandatory=True, desc="model_info*.json used")
     command_line = traits.Str("", usedefault=True, desc="the command that ran the pipeline")
+    lesion_rule = traits.Str("", usedefault=True, desc="what made a lesion, for the reader")
 
 
 class SubjectReportOutputSpec(TraitedSpec):
@@ -189,7 +190,9 @@ class SubjectReport(SimpleInterface):
         parts.append(f"<h2>Microbleeds: {len(rows)}</h2><p>lobar {counts['n_lobar']}, deep "
                      f"{counts['n_deep']}, infratentorial {counts['n_infratentorial']}; strictly "
                      f"lobar (Boston v2.0): {counts['strictly_lobar']}. Coordinates are scanner "
-                     "RAS mm; regions from the MARS atlas registered to the image.</p>")
+                     "RAS mm; regions from the MARS atlas registered to the image."
+                     + (f" Lesions: {escape(self.inputs.lesion_rule)}." if self.inputs.lesion_rule
+                        else "") + "</p>")
         parts.append(table([*LESION_COLUMNS, *REGION_COLUMNS], rows))
         thumbnails = []
         for row in rows[:MAX_THUMBNAILS]:

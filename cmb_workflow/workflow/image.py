@@ -67,7 +67,8 @@ def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
     inputnode = pe.Node(niu.IdentityInterface(fields=["probability"]), name="inputnode")
     lesions = pe.Node(LabelLesions(threshold=config["threshold"],
                                    connectivity=config["connectivity"],
-                                   min_size=config["min_lesion_size"]), name="lesions")
+                                   min_size=config["min_lesion_size"],
+                                   min_peak=config["min_peak_probability"]), name="lesions")
     regions = pe.Node(LesionRegions(brain_mask=prepared["mask"],
                                     template_transforms=prepared["template_transforms"],
                                     registration_error=prepared["registration_error"]),
@@ -85,7 +86,8 @@ def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
     report = pe.Node(SubjectReport(
         title=Path(job.relative_prefix).name, source_file=str(job.source),
         conformed=prepared["conformed"], brain_mask=prepared["brain_mask"], box=prepared["box"],
-        model_descriptor=str(config["models"]), command_line=command_line), name="report")
+        model_descriptor=str(config["models"]), command_line=command_line,
+        lesion_rule=_lesion_rule(config)), name="report")
 
     workflow.connect([
         (inputnode, lesions, [("probability", "in_file")]),
@@ -107,7 +109,16 @@ def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
     return workflow
 
 
+def _lesion_rule(config: dict) -> str:
+    rule = (f"probability above {config['threshold']:g}, {config['connectivity']}-connected, "
+            f"at least {config['min_lesion_size']} voxel(s)")
+    if config["min_peak_probability"]:
+        rule += f", highest probability at least {config['min_peak_probability']:g}"
+    return rule
+
+
 def _recorded_settings(config: dict) -> dict:
-    keys = ("threshold", "connectivity", "min_lesion_size", "normalization", "percentile",
-            "interpolation", "mask_input", "mask_output", "brain_mask", "brain_mask_model")
+    keys = ("threshold", "connectivity", "min_lesion_size", "min_peak_probability",
+            "normalization", "percentile", "interpolation", "mask_input", "mask_output",
+            "brain_mask", "brain_mask_model")
     return {"ModelDescriptor": str(config["models"]), **{key: config[key] for key in keys}}

@@ -1,0 +1,64 @@
+"""Lesion labelling and its two thresholds: the voxel threshold and the lesion's peak."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cmb_workflow.configs import ConfigError, load_config
+from cmb_workflow.interfaces.lesions import label_lesions
+from cmb_workflow.models import ModelError, read_descriptor
+from cmb_workflow.runner import _with_detection_thresholds
+
+
+def probability_with_two_blobs():
+    probability = np.zeros((12, 12, 12), np.float32)
+    probability[2:5, 2:5, 2:5] = 0.6  # faint and larger
+    probability[3, 3, 3] = 0.7
+    probability[8, 8, 8:10] = [0.95, 0.8]  # confident and smaller
+    return probability
+
+
+def test_min_peak_drops_faint_lesions_whole_and_keeps_the_others_as_they_were():
+    probability = probability_with_two_blobs()
+
+    labels, rows = label_lesions(probability, np.eye(4), 0.5, 26, 1)
+    peaked_labels, peaked_rows = label_lesions(probability, np.eye(4), 0.5, 26, 1, min_peak=0.9)
+
+    assert [(r["volume_mm3"], r["max_prob"]) for r in rows] == [(27.0, 0.7), (2.0, 0.95)]
+    assert [(r["label"], r["volume_mm3"], r["max_prob"]) for r in peaked_rows] == [(1, 2.0, 0.95)]
+    assert peaked_rows[0]["mean_prob"] == rows[1]["mean_prob"]
+    np.testing.assert_array_equal(peaked_labels, np.where(labels == 2, 1, 0))
+    # A lesion's peak equal to min_peak is kept.
+    assert len(label_lesions(probability, np.eye(4), 0.5, 26, 1, min_peak=0.7)[1]) == 2
+
+
+def write_descriptor(folder, **fields):
+    (folder / "m.h5").write_bytes(b"x")
+    path = folder / "model_info.json"
+    path.write_text(json.dumps({"files": [{"name": "m.h5", "md5": "x"}], **fields}))
+    return path
+
+
+def test_unset_min_peak_takes_the_models_own_and_a_setting_overrides_it(tmp_path):
+    with_peak = read_descriptor(write_descriptor(tmp_path, min_peak_probability=0.85))
+    without = read_descriptor(write_descriptor(tmp_path))
+
+    assert with_peak.min_peak_probability == 0.85 and without.min_peak_probability is None
+    assert _with_detection_thresholds(load_config(), with_peak)["min_peak_probability"] == 0.85
+    assert _with_detection_thresholds(load_config(), without)["min_peak_probability"] == 0.0
+    chosen = load_config(overrides={"min_peak_probability": 0.5})
+    assert _with_detection_thresholds(chosen, with_peak)["min_peak_probability"] == 0.5
+
+
+@pytest.mark.parametrize("value", [1.5, "high", True])
+def test_a_min_peak_that_is_not_a_probability_is_refused_naming_its_source(tmp_path, value):
+    with pytest.raises(ModelError, match=r"model_info.json: min_peak_probability .* is not a "
+                                         r"probability"):
+        read_descriptor(write_descriptor(tmp_path, min_peak_probability=value))
+    descriptor = read_descriptor(write_descriptor(tmp_path))
+    with pytest.raises(ConfigError, match="min_peak_probability .*: expected a probability"):
+        _with_detection_thresholds(load_config(overrides={"min_peak_probability": value}),
+                                   descriptor)
+    with pytest.raises(ConfigError, match="threshold .*: expected a probability"):
+        _with_detection_thresholds(load_config(overrides={"threshold": value}), descriptor)
