@@ -40,6 +40,12 @@ maximised first, then the total centre distance (distance view) or the total
 ``1 - IoU`` (overlap view) is minimised.  So one prediction close to two
 references counts once, and the other reference is a miss.
 
+With ``min_peak_probability`` > 0, only predictions whose ``max_prob`` (a
+column of the lesion table then needed) reaches it are scored, as if the
+pipeline had been run with that ``min_peak_probability``: one set of results
+then shows the trade-off between sensitivity and false positives at several
+detection thresholds.
+
 With ``min_diameter_mm`` > 0, reference lesions smaller than that are
 *excluded*: not counted as misses, and predictions matched to them are neither
 hits nor false positives.  Counted references are matched first, excluded ones
@@ -314,8 +320,10 @@ def _read_label_image(path: Path, split_binary: bool) -> LabelImage:
     return LabelImage(path, labels, image.affine, ids, voxel_counts, lesions)
 
 
-def _read_results_tsv(path: Path) -> tuple[np.ndarray, LesionSet]:
-    """Return the labels and lesions of a pipeline lesion table."""
+def _read_results_tsv(path: Path, min_peak_probability: float) -> tuple[np.ndarray, LesionSet]:
+    """Return the labels and lesions of a pipeline lesion table, those with a max_prob of at
+    least min_peak_probability when it is above 0."""
+    columns = RESULTS_COLUMNS + (("max_prob",) if min_peak_probability > 0 else ())
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         if reader.fieldnames is None:
@@ -323,13 +331,13 @@ def _read_results_tsv(path: Path) -> tuple[np.ndarray, LesionSet]:
                 f"{path}: empty file; expected a header with columns {' '.join(RESULTS_COLUMNS)}"
             )
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        missing = [name for name in RESULTS_COLUMNS if name not in reader.fieldnames]
+        missing = [name for name in columns if name not in reader.fieldnames]
         if missing:
             raise EvaluationInputError(f"{path}: missing column(s) {', '.join(missing)}")
         rows = list(reader)
-    values = np.zeros((len(rows), len(RESULTS_COLUMNS)))
+    values = np.zeros((len(rows), len(columns)))
     for index, row in enumerate(rows):
-        for column, name in enumerate(RESULTS_COLUMNS):
+        for column, name in enumerate(columns):
             try:
                 values[index, column] = float(row[name])
             except (TypeError, ValueError):
@@ -338,6 +346,8 @@ def _read_results_tsv(path: Path) -> tuple[np.ndarray, LesionSet]:
                 ) from None
     if not np.all(np.isfinite(values)) or np.any(values[:, 4] < 0):
         raise EvaluationInputError(f"{path}: non-finite value or negative volume_mm3")
+    if min_peak_probability > 0:
+        values = values[values[:, 5] >= min_peak_probability]
     return values[:, 0].astype(int), LesionSet(values[:, 1:4], _equivalent_diameter(values[:, 4]))
 
 
@@ -349,15 +359,25 @@ def _load_truth(key: str, files: dict[str, Path]) -> Truth:
     return Truth(key, "unknown", image.lesions, image.path, image)
 
 
-def _load_result(key: str, tsv: Path, dseg: Path | None) -> Result:
-    labels, lesions = _read_results_tsv(tsv)
+def _load_result(key: str, tsv: Path, dseg: Path | None, min_peak_probability: float) -> Result:
+    labels, lesions = _read_results_tsv(tsv, min_peak_probability)
     image = None
     if dseg is not None:
         # Labels 1..N are the pipeline's lesion ids: keep them, never re-split.
         image = _read_label_image(dseg, split_binary=False)
-        if set(image.ids.tolist()) != set(labels.tolist()):
+        if min_peak_probability > 0:
+            image = _kept_labels(image, labels)
+        elif set(image.ids.tolist()) != set(labels.tolist()):
             warnings.warn(f"{dseg}: its labels differ from those in {tsv}", stacklevel=2)
     return Result(key, lesions, image)
+
+
+def _kept_labels(image: LabelImage, labels: np.ndarray) -> LabelImage:
+    """image with only `labels` left (the lesions that passed the peak probability)."""
+    kept = np.isin(image.ids, labels)
+    return LabelImage(image.path, np.where(np.isin(image.labels, image.ids[kept]), image.labels, 0),
+                      image.affine, image.ids[kept], image.voxel_counts[kept],
+                      LesionSet(image.lesions.centres[kept], image.lesions.diameters[kept]))
 
 
 # ---------------------------------------------------------------- matching
@@ -732,6 +752,7 @@ def evaluate(
     match_distance_mm: float = 5.0,
     min_diameter_mm: float = 0.0,
     size_bins_mm: tuple[float, ...] = DEFAULT_SIZE_BINS_MM,
+    min_peak_probability: float = 0.0,
 ) -> dict[str, list[dict]]:
     """Score detections in ``results_dir`` against the reference in ``truth_dir``.
 
@@ -740,7 +761,12 @@ def evaluate(
     ``by_grid``, and ``results_without_truth`` (rows with ``subject`` and
     ``path``).  Rows of every view are included; undefined values are NaN.
     Writes ``out_tsv`` when given.  Raises ``EvaluationInputError`` on bad input.
+    min_peak_probability: see the module docstring.
     """
+    if not 0 <= min_peak_probability <= 1:
+        raise EvaluationInputError(
+            f"min peak probability {min_peak_probability}: expected a value between 0 and 1"
+        )
     edges = tuple(float(edge) for edge in size_bins_mm)
     if any(edge <= 0 for edge in edges) or list(edges) != sorted(set(edges)):
         raise EvaluationInputError(
@@ -761,7 +787,11 @@ def evaluate(
     outcomes: dict[str, list[Outcome]] = {"distance": [], "overlap": []}
     for key in sorted(truth_files):
         truth = _load_truth(key, truth_files[key])
-        result = _load_result(key, *result_files[key]) if key in result_files else None
+        result = (
+            _load_result(key, *result_files[key], min_peak_probability)
+            if key in result_files
+            else None
+        )
         outcomes["distance"].append(
             _distance_outcome(truth, result, match_distance_mm, min_diameter_mm)
         )
@@ -818,6 +848,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MM,MM,...",
         help="diameter bin edges for the size breakdown (default: 3,5,10)",
     )
+    parser.add_argument(
+        "--min-peak-probability",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="score only predictions whose max_prob is at least P, as if `run` had been "
+        "given --min-peak-probability P (default: every prediction)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -830,6 +868,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             match_distance_mm=args.match_distance,
             min_diameter_mm=args.min_diameter,
             size_bins_mm=args.size_bins,
+            min_peak_probability=args.min_peak_probability,
         )
     except EvaluationInputError as exc:
         print(f"cmb-workflow evaluate: error: {exc}", file=sys.stderr)

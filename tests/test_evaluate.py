@@ -58,12 +58,12 @@ def write_truth(root, key, lesions, grid="0.5x0.5x2.0"):
     (root / f"{key}_desc-cmb_lesions.json").write_text(json.dumps(document))
 
 
-def write_results(root, key, lesions):
-    """lesions: (x, y, z, volume_mm3) tuples."""
+def write_results(root, key, lesions, peaks=None):
+    """lesions: (x, y, z, volume_mm3) tuples; peaks: their max_prob (default 0.9 each)."""
     root.mkdir(parents=True, exist_ok=True)
     lines = ["label\tx\ty\tz\tvolume_mm3\tmax_prob\tmean_prob"]
-    for i, (x, y, z, v) in enumerate(lesions, start=1):
-        lines.append(f"{i}\t{x}\t{y}\t{z}\t{v}\t0.9\t0.7")
+    for i, ((x, y, z, v), peak) in enumerate(zip(lesions, peaks or [0.9] * len(lesions)), 1):
+        lines.append(f"{i}\t{x}\t{y}\t{z}\t{v}\t{peak}\t0.7")
     (root / f"{key}_desc-cmb_lesions.tsv").write_text("\n".join(lines) + "\n")
 
 
@@ -235,6 +235,46 @@ def test_overlap_view_matches_on_shared_voxels_one_to_one(dirs):
     assert 0 < expected_dice < 1
     pooled = row(tables, "summary", view="overlap", scope="pooled")
     assert pooled["dice"] == pytest.approx(expected_dice)
+
+
+def test_min_peak_probability_scores_only_confident_predictions_in_both_views(dirs):
+    truth, results = dirs
+    hit, faint_hit, faint_fp, confident_fp = CENTRE, shifted(dz=8), shifted(dx=-8), (12, -2, -6)
+    write_nifti(truth / "sub-01_desc-cmb_mask.nii.gz", ball(hit, 4.0) | ball(faint_hit, 4.0))
+    write_truth(truth, "sub-01", [(*hit, 4.0), (*faint_hit, 4.0)])
+    pred = np.zeros(SHAPE, np.int16)
+    for label, centre in enumerate((hit, faint_hit, faint_fp, confident_fp), start=1):
+        pred[ball(centre, 4.0)] = label
+    write_nifti(results / "sub-01_desc-cmb_dseg.nii.gz", pred)
+    volume = sphere_volume(4.0)
+    write_results(results, "sub-01",
+                  [(*centre, volume) for centre in (hit, faint_hit, faint_fp, confident_fp)],
+                  peaks=[0.99, 0.6, 0.7, 0.95])
+
+    every = ev.evaluate(truth, results)
+    confident = ev.evaluate(truth, results, min_peak_probability=0.9)
+
+    for view in ("distance", "overlap"):
+        assert counts(row(every, "subjects", view=view, group="sub-01")) == (2, 2, 0)
+        assert counts(row(confident, "subjects", view=view, group="sub-01")) == (1, 1, 1)
+    # The dropped faint hit's voxels no longer count towards Dice.
+    expected_dice = 2 * np.count_nonzero(ball(hit, 4.0)) / (
+        np.count_nonzero(ball(hit, 4.0) | ball(faint_hit, 4.0))
+        + np.count_nonzero(np.isin(pred, (1, 4))))
+    dice = row(confident, "subjects", view="overlap", group="sub-01")["dice"]
+    assert dice == pytest.approx(expected_dice)
+
+
+def test_min_peak_probability_needs_the_max_prob_column(dirs):
+    truth, results = dirs
+    write_truth(truth, "sub-01", [(*CENTRE, 4.0)])
+    results.mkdir()
+    (results / "sub-01_desc-cmb_lesions.tsv").write_text("label\tx\ty\tz\tvolume_mm3\n")
+
+    assert counts(row(ev.evaluate(truth, results), "subjects", group="sub-01")) == (0, 0, 1)
+    with pytest.raises(ev.EvaluationInputError,
+                       match="sub-01_desc-cmb_lesions.tsv: missing column.s. max_prob"):
+        ev.evaluate(truth, results, min_peak_probability=0.9)
 
 
 def test_overlap_view_for_missing_results_and_empty_masks(dirs):
