@@ -1,11 +1,16 @@
 """Accuracy of a CMB model on held-out phantoms, per acquisition grid (run by hand, not in CI).
 
     python benchmarks/demo_model_accuracy.py [--models model_info.json] [--subjects 14] [--seed 555]
+        [--min-peak-probability P] [--sweep P,P,...] [--keep DIR]
 
 Writes phantoms from a seed the demo model was not trained on (its training seeds come from
 cmb_workflow.training.TRAIN_SEED), runs `cmb-workflow run` on them and prints the lesion-wise
 tables for microbleeds >= 3 mm across (the demo model's target: sensitivity >= 0.85 and at most
 1 false positive per scan on every grid), then for all sizes.
+
+--sweep scores the same results at each detection threshold (evaluate's min_peak_probability),
+pooled and on the worst grid: run with --min-peak-probability 0 on validation phantoms to
+choose a model's threshold (the demo model's: cmb_workflow.training.DEMO_MIN_PEAK_PROBABILITY).
 """
 
 import argparse
@@ -27,11 +32,17 @@ def main():
                         help="phantoms (14: every grid in both modalities)")
     parser.add_argument("--seed", type=int, default=555)
     parser.add_argument("--keep", help="folder to keep phantoms and results in")
+    parser.add_argument("--min-peak-probability", type=float,
+                        help="the run's detection threshold (default: the model's own)")
+    parser.add_argument("--sweep", type=lambda text: [float(p) for p in text.split(",")],
+                        default=[], metavar="P,P,...",
+                        help="detection thresholds to score the results at")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep or scratch)
         make_phantom_dataset(root / "phantoms", args.subjects, seed=args.seed)
-        config = load_config(overrides={"models": args.models})
+        config = load_config(overrides={"models": args.models,
+                                        "min_peak_probability": args.min_peak_probability})
         start = time.perf_counter()
         run_study(root / "phantoms", root / "results", config)
         elapsed = time.perf_counter() - start
@@ -39,7 +50,26 @@ def main():
         for min_diameter in (3.0, 0.0):
             print(f"\n=== microbleeds >= {min_diameter:g} mm ===")
             print(format_tables(evaluate(truth, root / "results", min_diameter_mm=min_diameter)))
+        if args.sweep:
+            print_sweep(truth, root / "results", args.sweep)
         print(f"\npipeline: {elapsed:.0f} s for {args.subjects} subjects")
+
+
+def print_sweep(truth, results, peaks):
+    """Lesion-wise figures (>= 3 mm, 5 mm matching) at each detection threshold."""
+    print("\n=== detection threshold sweep, microbleeds >= 3 mm (thresholds below the run's "
+          "own score as the run's) ===")
+    print("min_peak  sens   FP/scan  F1     lowest grid sens       highest grid FP/scan")
+    for peak in peaks:
+        tables = evaluate(truth, results, min_diameter_mm=3.0, min_peak_probability=peak)
+        pooled = next(row for row in tables["summary"]
+                      if row["view"] == "distance" and row["scope"] == "pooled")
+        grids = [row for row in tables["by_grid"] if row["view"] == "distance"]
+        weakest = min(grids, key=lambda row: row["sensitivity"])
+        busiest = max(grids, key=lambda row: row["fp_per_scan"])
+        print(f"{peak:<8g}  {pooled['sensitivity']:.3f}  {pooled['fp_per_scan']:<7.2f}  "
+              f"{pooled['f1']:.3f}  {weakest['sensitivity']:.3f} {weakest['group']:<16}  "
+              f"{busiest['fp_per_scan']:.2f} {busiest['group']}")
 
 
 if __name__ == "__main__":
