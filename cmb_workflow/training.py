@@ -45,6 +45,11 @@ HARD_NEGATIVES_FROM = 0.4
 # iron-dark nuclei of strongly iron-weighted scans (held-out false positives per scan: 1.86
 # without mining, 1.0 mining at 0.6 and 0.8, 0.5 with these five rounds).
 MINING_AT = (0.5, 0.6, 0.7, 0.8, 0.9)
+# The demo model's detection threshold (its descriptor's min_peak_probability): of 0.5 to 0.95
+# in steps of 0.05, the lowest peak probability with the best lesion-wise F1 (>= 3 mm) on 28
+# validation phantoms of seed 333 (benchmarks/demo_model_accuracy.py --sweep): 0.959 at 0.5,
+# 0.968 at 0.6 and 0.65, 0.952 at 0.8. Lesions the two folds disagree on average to about 0.5.
+DEMO_MIN_PEAK_PROBABILITY = 0.6
 # What prepare_subject returns, as kept in a --cache folder.
 CACHED_ARRAYS = ("data", "mask", "target", "iron")
 
@@ -335,7 +340,8 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 40, batch
         description="DEMO MODEL for cmb-workflow's synthetic phantoms only; NOT for real scans. "
                     f"{len(recipes)} 3D U-Nets ({levels} levels, {base_filters} base filters) "
                     "trained on phantom patches by `cmb-workflow train-demo`.",
-        training=f"cmb-workflow train-demo --seed {seed} (see training.json)")
+        training=f"cmb-workflow train-demo --seed {seed} (see training.json)",
+        min_peak_probability=DEMO_MIN_PEAK_PROBABILITY)
 
 
 def add_arguments(parser) -> None:
