@@ -324,10 +324,10 @@ def _read_label_image(path: Path, split_binary: bool) -> LabelImage:
     return LabelImage(path, labels, image.affine, ids, voxel_counts, lesions)
 
 
-def _read_results_tsv(path: Path, min_peak_probability: float) -> tuple[np.ndarray, LesionSet]:
-    """Return the labels and lesions of a pipeline lesion table, those with a max_prob of at
-    least min_peak_probability when it is above 0."""
-    columns = RESULTS_COLUMNS + (("max_prob",) if min_peak_probability > 0 else ())
+def _read_results_tsv(path: Path, with_peaks: bool) -> tuple[np.ndarray, LesionSet, np.ndarray]:
+    """Return the labels, lesions and (with_peaks; else NaN) max_prob of a pipeline lesion
+    table."""
+    columns = RESULTS_COLUMNS + (("max_prob",) if with_peaks else ())
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         if reader.fieldnames is None:
@@ -350,9 +350,9 @@ def _read_results_tsv(path: Path, min_peak_probability: float) -> tuple[np.ndarr
                 ) from None
     if not np.all(np.isfinite(values)) or np.any(values[:, 4] < 0):
         raise EvaluationInputError(f"{path}: non-finite value or negative volume_mm3")
-    if min_peak_probability > 0:
-        values = values[values[:, 5] >= min_peak_probability]
-    return values[:, 0].astype(int), LesionSet(values[:, 1:4], _equivalent_diameter(values[:, 4]))
+    peaks = values[:, 5] if with_peaks else np.full(len(rows), math.nan)
+    lesions = LesionSet(values[:, 1:4], _equivalent_diameter(values[:, 4]))
+    return values[:, 0].astype(int), lesions, peaks
 
 
 def _load_truth(key: str, files: dict[str, Path]) -> Truth:
@@ -364,24 +364,31 @@ def _load_truth(key: str, files: dict[str, Path]) -> Truth:
 
 
 def _load_result(key: str, tsv: Path, dseg: Path | None, min_peak_probability: float) -> Result:
-    labels, lesions = _read_results_tsv(tsv, min_peak_probability)
+    labels, lesions, peaks = _read_results_tsv(tsv, with_peaks=min_peak_probability > 0)
     image = None
     if dseg is not None:
         # Labels 1..N are the pipeline's lesion ids: keep them, never re-split.
         image = _read_label_image(dseg, split_binary=False)
-        if min_peak_probability > 0:
-            image = _kept_labels(image, labels)
-        elif set(image.ids.tolist()) != set(labels.tolist()):
+        if set(image.ids.tolist()) != set(labels.tolist()):
             warnings.warn(f"{dseg}: its labels differ from those in {tsv}", stacklevel=2)
+    if min_peak_probability > 0:
+        confident = peaks >= min_peak_probability
+        lesions = _subset(lesions, confident)
+        if image is not None:
+            image = _kept_labels(image, labels[confident])
     return Result(key, lesions, image)
 
 
+def _subset(lesions: LesionSet, kept: np.ndarray) -> LesionSet:
+    return LesionSet(lesions.centres[kept], lesions.diameters[kept])
+
+
 def _kept_labels(image: LabelImage, labels: np.ndarray) -> LabelImage:
-    """image with only `labels` left (the lesions that passed the peak probability)."""
+    """image with only `labels` left."""
     kept = np.isin(image.ids, labels)
     return LabelImage(image.path, np.where(np.isin(image.labels, image.ids[kept]), image.labels, 0),
                       image.affine, image.ids[kept], image.voxel_counts[kept],
-                      LesionSet(image.lesions.centres[kept], image.lesions.diameters[kept]))
+                      _subset(image.lesions, kept))
 
 
 # ---------------------------------------------------------------- matching
