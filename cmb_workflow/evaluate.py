@@ -116,6 +116,8 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import binomtest, chi2
 
+from .models import is_probability
+
 DEFAULT_SIZE_BINS_MM = (3.0, 5.0, 10.0)
 RESULTS_COLUMNS = ("label", "x", "y", "z", "volume_mm3")
 COUNT_COLUMNS = ("n_ref", "n_pred", "n_ref_excluded", "n_pred_excluded", "tp", "fp", "fn")
@@ -774,7 +776,7 @@ def evaluate(
     Writes ``out_tsv`` when given.  Raises ``EvaluationInputError`` on bad input.
     min_peak_probability: see the module docstring.
     """
-    if not 0 <= min_peak_probability <= 1:
+    if not is_probability(min_peak_probability):
         raise EvaluationInputError(
             f"min peak probability {min_peak_probability}: expected a value between 0 and 1"
         )
