@@ -148,7 +148,7 @@ def bench_variant(name: str, args, tmp: Path, crops: list, masks: list, peak: fl
                                       masks[:1], out))
         print(f"  reference scan {index + 1}/{most}: {reference_jobs[-1][0]:.1f} s", flush=True)
     results = {"reference": {n: reference_jobs[:n] for n in args.subjects}, "ours": {}}
-    batch_size = int(load_config()["predict_batch_size"])
+    batch_size = load_config().predict_batch_size
     for n in args.subjects:
         jobs = []
         for first in range(0, n, batch_size):

@@ -21,6 +21,15 @@ class InputError(ValueError):
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """A file that was found but not processed; it is listed in the summary with its reason."""
+
+    source: str
+    reason: str
+    status: str = "failed"  # failed: it clashes with another image; skipped: not usable as named
+
+
+@dataclass(frozen=True)
 class ImageJob:
     """One image to process and where its results go."""
 
@@ -74,15 +83,17 @@ def validate_label(label: str, what: str) -> str:
 
 
 def find_images(root, *, input_type: str = "bids", participant_label=(), session_label=(),
-                echo: int = 1, masks_dir=None) -> tuple[list[ImageJob], list[tuple[str, str]]]:
-    """Images to process, and (path, reason) for files that were found but cannot be used."""
+                echo: int = 1, masks_dir=None) -> tuple[list[ImageJob], list[Rejected]]:
+    """Images to process, and the files that were found but cannot be used."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: input folder does not exist")
     subjects = {validate_label(s, "sub") for s in participant_label}
     sessions = {validate_label(s, "ses") for s in session_label}
-    candidates = _bids_candidates(root) if input_type == "bids" else _standard_candidates(root)
-    jobs, rejected = [], []
+    rejected: list[Rejected] = []
+    candidates = (_bids_candidates(root, rejected) if input_type == "bids"
+                  else _standard_candidates(root))
+    jobs = []
     for path, entities, suffix in candidates:
         entity = dict(entities)
         if subjects and entity["sub"] not in subjects:
@@ -96,22 +107,49 @@ def find_images(root, *, input_type: str = "bids", participant_label=(), session
     jobs, clashes = _drop_clashes(jobs)
     rejected += clashes
     if not jobs and not rejected:
-        raise InputError(f"{root}: no *_swi or *_T2starw images found"
-                         + (" for the selected subjects/sessions" if subjects or sessions else ""))
+        raise InputError(_nothing_found(root, input_type, bool(subjects or sessions)))
     return [_with_mask(job, masks_dir) for job in jobs], rejected
 
 
-def _bids_candidates(root: Path):
+def _nothing_found(root: Path, input_type: str, filtered: bool) -> str:
+    """Why no image was found: the layout that was expected and the images that were seen."""
+    if filtered:
+        return f"{root}: no *_swi or *_T2starw images found for the selected subjects/sessions"
+    expected = ("sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_swi.nii[.gz] (or "
+                "_T2starw)" if input_type == "bids" else "<subject>/swi/<image>.nii[.gz]")
+    seen = sorted(str(path.relative_to(root)) for path in root.rglob("*.nii*")
+                  if "derivatives" not in path.relative_to(root).parts)
+    message = f"{root}: no image found in the expected layout {expected}"
+    if seen:
+        shown = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
+        message += f"; seen but not used: {shown}"
+        if input_type == "bids":
+            message += ("; for one folder per subject holding swi/<image>, use --input-type "
+                        "standard, or arrange the files as BIDS")
+    return message
+
+
+def _bids_candidates(root: Path, rejected: list[Rejected]):
     for path in sorted(root.glob("sub-*/**/anat/*.nii*")):
         if "derivatives" in path.relative_to(root).parts:
             continue
         try:
             entities, suffix = parse_entities(path.name)
         except InputError as exc:
-            LOGGER.warning("%s", exc)
+            if _modality_suffix(path.name):
+                rejected.append(Rejected(str(path), str(exc).removeprefix(f"{path.name}: "),
+                                         "skipped"))
+            else:
+                LOGGER.debug("%s", exc)
             continue
         if suffix in MODALITY_SUFFIXES and path.name.startswith(path.parts[len(root.parts)]):
             yield path, entities, suffix
+
+
+def _modality_suffix(name: str) -> bool:
+    """Whether a file name ends like an image this tool reads (_swi or _T2starw NIfTI)."""
+    match = _NIFTI.match(name)
+    return bool(match) and match.group("stem").rsplit("_", 1)[-1] in MODALITY_SUFFIXES
 
 
 def _standard_candidates(root: Path):
@@ -135,9 +173,9 @@ def _drop_clashes(jobs):
     rejected = []
     for job in jobs:
         if job.prefix in by_prefix:
-            rejected.append((str(job.source), f"outputs would overwrite those of "
-                             f"{by_prefix[job.prefix].source.name}; give the images distinct "
-                             "acq- or run- entities"))
+            rejected.append(Rejected(str(job.source), f"outputs would overwrite those of "
+                                     f"{by_prefix[job.prefix].source.name}; give the images "
+                                     "distinct acq- or run- entities"))
         else:
             by_prefix[job.prefix] = job
     return list(by_prefix.values()), rejected

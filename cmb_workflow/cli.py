@@ -65,10 +65,10 @@ def _run(args) -> int:
         "participant_label", "session_label", "input_type", "masks_dir", "brain_mask",
         "brain_mask_model", "echo", "allow_unverified_models")}
     config = load_config(args.config, overrides)
-    if not config["models"]:
+    if not config.models:
         from .demo import demo_model_descriptor
 
-        config["models"] = str(demo_model_descriptor())
+        config = config.replace(models=str(demo_model_descriptor()))
         logging.getLogger("cmb_workflow").warning(
             "no --models given: using the bundled DEMO model, trained on synthetic phantoms "
             "only; it is not for real scans")
@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[terminal])
     from .bids import InputError
     from .configs import ConfigError
+    from .execution import Interrupted
     from .models import ModelError
 
     try:
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
     except (InputError, ConfigError, ModelError) as exc:
         print(f"cmb-workflow: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

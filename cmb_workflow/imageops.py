@@ -34,12 +34,28 @@ class ImageError(ValueError):
     """An input image that cannot be processed; the message names the file and the problem."""
 
 
-def load_volume(path, *, echo: int = 1) -> nib.Nifti1Image:
-    """Load a NIfTI as a 3D float32 image; for 4D (multi-echo) images take echo `echo` (1-based)."""
+def load_volume(path, *, echo: int = 1, limits=None) -> nib.Nifti1Image:
+    """Load a NIfTI as a 3D float32 image; for 4D (multi-echo) images take echo `echo` (1-based).
+
+    limits (configs.InputLimits): refuse, before reading the voxels, an image whose field of
+    view, voxel size or voxel count no head needs."""
     path = Path(path)
     try:
         img = nib.load(str(path))
+        header_geometry(img, path)
+        if limits is not None:
+            check_size(img, path, limits)
+        dtype = img.get_data_dtype()
+        if dtype.names or dtype.kind == "c":
+            kind = "complex" if dtype.kind == "c" else "RGB / multi-field"
+            raise ImageError(f"{path}: holds {kind} voxels ({dtype}); give the magnitude image, "
+                             "one real value per voxel")
         data = np.asanyarray(img.dataobj)
+    except ImageError:
+        raise
+    except MemoryError as exc:
+        raise ImageError(f"{path}: not enough memory to read {np.prod(img.shape)} voxels "
+                         f"of {img.get_data_dtype()}") from exc
     except Exception as exc:  # nibabel raises many types for truncated/foreign files
         raise ImageError(f"{path}: cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
     shape = data.shape
@@ -51,12 +67,49 @@ def load_volume(path, *, echo: int = 1) -> nib.Nifti1Image:
         raise ImageError(f"{path}: is {data.ndim}D {shape}; a 3D volume (or 4D multi-echo) is needed")
     if min(data.shape) < 2:
         raise ImageError(f"{path}: is a single slice {shape}; a 3D volume is needed")
-    linear = img.affine[:3, :3]
-    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(linear)) < 1e-6:
-        raise ImageError(f"{path}: has a degenerate affine (voxel axes "
-                         f"{np.round(linear, 3).tolist()}): cannot be placed in scanner space")
     data = data.astype(np.float32)
     return nib.Nifti1Image(data, img.affine)
+
+
+def header_geometry(img, path) -> np.ndarray:
+    """The affine that places `img` in scanner space; refused when it cannot do so."""
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise ImageError(f"{path}: has a non-finite affine (NaN or infinite entries): cannot be "
+                         "placed in scanner space")
+    header = img.header
+    # Without an sform the affine is built from pixdim, which nibabel turns from 0 into 1 mm
+    # when it loads the header: read the file's own values.
+    if "sform_code" in header and int(header["sform_code"]) == 0:
+        header_file = (img.file_map.get("header") or img.file_map["image"]).filename
+        with nib.openers.ImageOpener(header_file) as raw:
+            pixdim = type(header).from_fileobj(raw, check=False)["pixdim"][1:4]
+        pixdim = np.asarray(pixdim, dtype=float)
+        if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+            raise ImageError(f"{path}: has no usable geometry: no sform, and voxel sizes "
+                             f"(pixdim) {pixdim.tolist()}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise ImageError(f"{path}: has a degenerate affine (voxel axes "
+                         f"{np.round(affine[:3, :3], 3).tolist()}): cannot be placed in "
+                         "scanner space")
+    return affine
+
+
+def check_size(img, path, limits) -> None:
+    """Refuse a field of view, voxel size or voxel count no head scan has (configs.InputLimits)."""
+    shape = np.array(img.shape[:3])
+    voxel = nib.affines.voxel_sizes(img.affine)
+    fov = shape * voxel
+    if voxel.max() > limits.max_voxel_size_mm:
+        raise ImageError(f"{path}: voxels of {np.round(voxel, 2).tolist()} mm; a head scan has "
+                         f"none above {limits.max_voxel_size_mm:g} mm "
+                         "(setting input_limits.max_voxel_size_mm)")
+    if fov.max() > limits.max_fov_mm:
+        raise ImageError(f"{path}: field of view {np.round(fov).tolist()} mm; a head scan needs "
+                         f"none above {limits.max_fov_mm:g} mm (setting input_limits.max_fov_mm)")
+    if np.prod(shape) > limits.max_voxels:
+        raise ImageError(f"{path}: {int(np.prod(shape))} voxels per volume; at most "
+                         f"{limits.max_voxels} are accepted (setting input_limits.max_voxels)")
 
 
 def to_sitk(img: nib.Nifti1Image) -> sitk.Image:

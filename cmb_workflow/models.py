@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,10 @@ LOGGER = logging.getLogger("cmb_workflow.models")
 PROVIDED_MODALITIES = {"swi", "t2s", "t2star", "t2starw", "gre"}
 # What a descriptor's target may be, as read_descriptor's expected_target, and its name.
 TARGETS = {"cmb": "CMB", "brain_mask": "brain mask"}
+
+
+# No model file of an ensemble is near this; a larger one is refused before it is read.
+MAX_MODEL_FILE_BYTES = 4 << 30
 
 
 class ModelError(RuntimeError):
@@ -51,9 +56,13 @@ def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescript
     """expected_target: a key of TARGETS; a descriptor that gives another target is refused."""
     json_path = Path(json_path).resolve()
     try:
+        _regular_files(json_path)
         info = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{json_path}: not a readable model descriptor ({exc})") from exc
+    if not isinstance(info, dict):
+        raise ModelError(f"{json_path}: a model descriptor is a JSON object, not a "
+                         f"{type(info).__name__}")
     entries = info.get("files")
     if not isinstance(entries, list) or not entries:
         raise ModelError(f"{json_path}: descriptor lists no model files ('files')")
@@ -61,14 +70,20 @@ def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescript
     if target and _letters(expected_target) not in _letters(target):
         raise ModelError(f"{json_path}: descriptor target is {info.get('target')!r}, "
                          f"a {TARGETS[expected_target]} model is needed")
-    modalities = tuple(str(m).lower() for m in info.get("modalities", ["swi"]))
+    modalities = info.get("modalities", ["swi"])
+    if not isinstance(modalities, list):
+        raise ModelError(f"{json_path}: 'modalities' must be a list")
+    modalities = tuple(str(m).lower() for m in modalities)
     if not set(modalities) <= PROVIDED_MODALITIES:
         raise ModelError(f"{json_path}: model needs modalities {list(modalities)}; this tool "
                          f"provides only SWI / T2*-GRE (one channel)")
     files = []
     for entry in entries:
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ModelError(f"{json_path}: each entry of 'files' needs a 'name'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                or not entry["name"].strip():
+            raise ModelError(f"{json_path}: each entry of 'files' needs a 'name' (text)")
+        if not isinstance(entry.get("md5", ""), (str, type(None))):
+            raise ModelError(f"{json_path}: the md5 of {entry['name']!r} must be text")
         files.append(ModelFile(_resolve(json_path, entry["name"]), entry.get("md5")))
     min_peak = info.get("min_peak_probability")
     if min_peak is not None and not is_probability(min_peak):
@@ -101,11 +116,29 @@ def _resolve(json_path: Path, name: str) -> Path:
     return candidate
 
 
+def _regular_files(path: Path) -> list[Path]:
+    """path itself if it is a regular file, or the regular files under a directory, sorted; a
+    FIFO, device or other special file (which would block or never end a read), or a file over
+    MAX_MODEL_FILE_BYTES, is refused. Links are followed, so a link to /dev/zero is refused."""
+    def checked(file: Path) -> Path:
+        info = file.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelError(f"{file}: not a regular file; model files must be plain files")
+        if info.st_size > MAX_MODEL_FILE_BYTES:
+            raise ModelError(f"{file}: {info.st_size} bytes, more than any model file "
+                             f"({MAX_MODEL_FILE_BYTES} at most)")
+        return file
+
+    if stat.S_ISDIR(path.stat().st_mode):
+        return [checked(file) for file in sorted(path.rglob("*"))
+                if not stat.S_ISDIR(file.stat().st_mode)]
+    return [checked(path)]
+
+
 def md5sum(path: Path) -> str:
     """md5 of a file's bytes; for a directory, one md5 over every file in sorted path order."""
     digest = hashlib.md5()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
+    for file in _regular_files(path):
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)

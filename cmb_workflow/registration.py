@@ -79,7 +79,7 @@ def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
     mask = ndimage.binary_dilation(mask, ball, iterations=4, mask=foreground)
     mask = ndimage.binary_closing(mask, ball, iterations=3)
     mask = ndimage.binary_fill_holes(mask)[(slice(FOV_PAD, -FOV_PAD),) * 3]
-    if mask.sum() * np.prod(img.header.get_zooms()[:3]) / 1000.0 < MIN_BRAIN_ML:
+    if mask.sum() * np.prod(nib.affines.voxel_sizes(img.affine)) / 1000.0 < MIN_BRAIN_ML:
         raise ImageError(f"no head found to start the template registration from (its largest "
                          f"bright part is {mask.sum()} voxels, too small for a brain)")
     return mask

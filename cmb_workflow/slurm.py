@@ -25,27 +25,27 @@ SLURM_PLUGINS = ("SLURM", "SLURMGraph")
 class SbatchArgs:
     """The sbatch arguments of one run: `common` for every job, `predict` for prediction jobs."""
 
-    def __init__(self, settings: dict, job_log_dir: Path):
+    def __init__(self, settings, job_log_dir: Path):
         # Underscores only: Nipype's plugins look for "-o"/"-e" in the arguments.
         self.comment = f"cmb_workflow_{uuid.uuid4().hex[:12]}"
         job_log = shlex.quote(str(job_log_dir / "slurm-%j.out"))
 
         def sbatch(partition, time_limit, memory, *more):
-            values = {"partition": partition, "account": settings["account"], "time": time_limit,
+            values = {"partition": partition, "account": settings.account, "time": time_limit,
                       "mem": memory}
             # Quoted: both plugins hand these arguments to a shell.
             parts = [f"--{flag}={shlex.quote(str(value))}" for flag, value in values.items()
                      if value]
-            parts += [f"--cpus-per-task={int(settings['cpus'])}", f"--comment={self.comment}",
+            parts += [f"--cpus-per-task={settings.cpus}", f"--comment={self.comment}",
                       f"--output={job_log}", f"--error={job_log}", *more,
-                      str(settings["extra_sbatch_args"] or "")]
+                      str(settings.extra_sbatch_args or "")]
             return " ".join(parts).strip()
 
-        self.common = sbatch(settings["partition"], settings["time"], settings["memory"])
-        self.predict = sbatch(settings["predict_partition"] or settings["partition"],
-                              settings["predict_time"] or settings["time"],
-                              settings["predict_memory"],
-                              *([str(settings["gpu_sbatch_args"])] if settings["gpu"] else []))
+        self.common = sbatch(settings.partition, settings.time, settings.memory)
+        self.predict = sbatch(settings.predict_partition or settings.partition,
+                              settings.predict_time or settings.time,
+                              settings.predict_memory,
+                              *([str(settings.gpu_sbatch_args)] if settings.gpu else []))
 
 
 def prepare(args: SbatchArgs) -> None:
@@ -102,6 +102,14 @@ def wait_for_jobs(comment: str, poll_seconds: float = 2.0) -> None:
             LOGGER.info("SLURM: %d job(s) of this run queued or running", len(waiting))
             reported = len(waiting)
         time.sleep(poll_seconds)
+
+
+def cancel_jobs(comment: str) -> None:
+    """Cancel this run's queued and running jobs (the run was stopped)."""
+    job_ids = [job_id for job_id, _reason in _queued_jobs(comment)]
+    if job_ids:
+        LOGGER.info("SLURM: cancelling %d job(s) of this run", len(job_ids))
+        subprocess.run(["scancel", *job_ids], capture_output=True, text=True, check=False)
 
 
 def _queued_jobs(comment: str) -> list[tuple[str, str]]:

@@ -26,6 +26,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .configs import Settings
+
 LOGGER = logging.getLogger("cmb_workflow.training")
 
 TRAIN_SEED = 20261124
@@ -88,7 +90,7 @@ FOLD_RECIPES = (FoldRecipe(steps=2000, iron_darkening=IRON_DARKENING),
                            iron_darkening=IRON_DARKENING))
 
 
-def prepare_subject(seed: int, config: dict, scratch: Path):
+def prepare_subject(seed: int, config: Settings, scratch: Path):
     """(normalised crop, crop mask, lesion target, iron load) of one phantom, float16 / bool /
     bool / float16."""
     from .imageops import save_atomic
@@ -108,7 +110,7 @@ def prepare_subject(seed: int, config: dict, scratch: Path):
     os.chdir(folder)  # Nipype interfaces write into the working directory.
     try:
         conformed = Conform(in_file=str(folder / "image.nii.gz"),
-                            interpolation=config["interpolation"]).run().outputs.out_file
+                            interpolation=config.interpolation).run().outputs.out_file
     finally:
         os.chdir(cwd)
     img = nib.load(conformed)
@@ -116,13 +118,13 @@ def prepare_subject(seed: int, config: dict, scratch: Path):
     growth = int(rng.integers(0, MAX_MASK_GROWTH + 1))
     if growth:
         mask = ndimage.binary_dilation(mask, iterations=growth)
-    dimensions = np.asarray(config["final_dimensions"])
-    start = crop_start(mask, dimensions, config["top_margin"])
+    dimensions = np.asarray(config.final_dimensions)
+    start = crop_start(mask, dimensions, config.top_margin)
     data = extract_box(np.asarray(img.dataobj, np.float32), start, dimensions)
     crop_mask = extract_box(mask, start, dimensions)
-    data = normalize(data, crop_mask, config["normalization"], config["percentile"],
-                     config["clip_max"])
-    if config["mask_input"]:
+    data = normalize(data, crop_mask, config.normalization, config.percentile,
+                     config.clip_max)
+    if config.mask_input:
         data = data * crop_mask
     affine = img.affine.copy()
     affine[:3, 3] = img.affine[:3, :3] @ start + img.affine[:3, 3]

@@ -213,7 +213,7 @@ def test_run_uses_supplied_masks_the_template_otherwise_and_fails_bad_masks_alon
                  "--plugin", "Linear"]) == 1
     rows = {row["subject"]: row for row in read_tsv(out / "cmb_summary.tsv")}
     assert rows["02"]["status"] == "failed"
-    assert rows["02"]["message"] == f"ImageError: {bad}: brain mask is empty (no voxel above 0)"
+    assert rows["02"]["message"] == f"ImageError: {bad}: brain mask is empty (no voxel of 0.5 or more)"
     assert rows["02"]["brain_volume_ml"] == ""
     for subject in ("01", "03"):
         assert rows[subject]["status"] == "ok" and rows[subject]["n_cmb"] == "1", subject

@@ -8,7 +8,7 @@ import pytest
 from cmb_workflow.configs import ConfigError, load_config
 from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.models import ModelError, read_descriptor
-from cmb_workflow.runner import _with_detection_thresholds
+from cmb_workflow.runner import with_model_detection_threshold
 
 
 def probability_with_two_blobs():
@@ -45,10 +45,10 @@ def test_unset_min_peak_takes_the_models_own_and_a_setting_overrides_it(tmp_path
     without = read_descriptor(write_descriptor(tmp_path))
 
     assert with_peak.min_peak_probability == 0.85 and without.min_peak_probability is None
-    assert _with_detection_thresholds(load_config(), with_peak)["min_peak_probability"] == 0.85
-    assert _with_detection_thresholds(load_config(), without)["min_peak_probability"] == 0.0
+    assert with_model_detection_threshold(load_config(), with_peak).min_peak_probability == 0.85
+    assert with_model_detection_threshold(load_config(), without).min_peak_probability == 0.0
     chosen = load_config(overrides={"min_peak_probability": 0.5})
-    assert _with_detection_thresholds(chosen, with_peak)["min_peak_probability"] == 0.5
+    assert with_model_detection_threshold(chosen, with_peak).min_peak_probability == 0.5
 
 
 @pytest.mark.parametrize("value", [1.5, "high", True])
@@ -56,9 +56,8 @@ def test_a_min_peak_that_is_not_a_probability_is_refused_naming_its_source(tmp_p
     with pytest.raises(ModelError, match=r"model_info.json: min_peak_probability .* is not a "
                                          r"probability"):
         read_descriptor(write_descriptor(tmp_path, min_peak_probability=value))
-    descriptor = read_descriptor(write_descriptor(tmp_path))
-    with pytest.raises(ConfigError, match="min_peak_probability .*: expected a probability"):
-        _with_detection_thresholds(load_config(overrides={"min_peak_probability": value}),
-                                   descriptor)
-    with pytest.raises(ConfigError, match="threshold .*: expected a probability"):
-        _with_detection_thresholds(load_config(overrides={"threshold": value}), descriptor)
+    with pytest.raises(ConfigError, match="min_peak_probability .*: expected a number at least "
+                                          "0 and at most 1"):
+        load_config(overrides={"min_peak_probability": value})
+    with pytest.raises(ConfigError, match="threshold .*: expected a number at least 0"):
+        load_config(overrides={"threshold": value})

@@ -72,7 +72,7 @@ def template_mask(image_file, transforms, within: np.ndarray) -> np.ndarray:
     mask = largest_component(template & within)
     if not mask.any():
         raise ImageError(f"{image_file}: the registered template brain lies outside the image")
-    return close_dents(mask, warped.header.get_zooms()[:3]) & template
+    return close_dents(mask, nib.affines.voxel_sizes(warped.affine)) & template
 
 
 def close_dents(mask: np.ndarray, zooms) -> np.ndarray:
@@ -84,10 +84,13 @@ def close_dents(mask: np.ndarray, zooms) -> np.ndarray:
     return sitk.GetArrayFromImage(closed).astype(bool)
 
 
-def mask_quality(mask: np.ndarray, zooms) -> dict:
+def mask_quality(mask: np.ndarray, voxel_sizes) -> dict:
     """Brain volume, and the share of the mask's surface lying on the field of view's edge
-    (a brain cut off by the field of view, or a mask leaking to it), by face area in mm^2."""
-    zooms = np.asarray(zooms[:3], dtype=float)
+    (a brain cut off by the field of view, or a mask leaking to it), by face area in mm^2.
+
+    voxel_sizes: from the affine (nibabel.affines.voxel_sizes), which places the voxels;
+    header pixdims may disagree with it."""
+    zooms = np.asarray(voxel_sizes[:3], dtype=float)
     surface = edge = 0.0
     for axis in range(3):
         face_mm2 = np.prod(zooms) / zooms[axis]
@@ -102,9 +105,10 @@ def mask_quality(mask: np.ndarray, zooms) -> dict:
 def supplied_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
     """A mask on any grid brought onto the reference grid; refused when empty or elsewhere."""
     source = load_volume(path)
-    inside = np.asarray(source.dataobj) > 0
+    # Probability masks as well as binary ones (0/1, 0/255): brain is 0.5 and above.
+    inside = np.asarray(source.dataobj) >= 0.5
     if not inside.any():
-        raise ImageError(f"{path}: brain mask is empty (no voxel above 0)")
+        raise ImageError(f"{path}: brain mask is empty (no voxel of 0.5 or more)")
     # Linear then threshold keeps mask edges smooth when coming from a coarser grid.
     binary = nib.Nifti1Image(inside.astype(np.float32), source.affine)
     mask = np.asarray(resample(binary, reference.shape, reference.affine, "linear").dataobj) >= 0.5

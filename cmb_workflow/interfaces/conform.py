@@ -5,8 +5,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+                                    isdefined, traits)
 
+from ..configs import InputLimits
 from ..imageops import ImageError, conformed_grid, load_volume, resample
 
 
@@ -16,6 +17,7 @@ class ConformInputSpec(BaseInterfaceInputSpec):
     interpolation = traits.Enum("bspline", "welch", "linear", usedefault=True,
                                 desc="bspline: cubic; welch: windowed sinc as the SHIVA models' "
                                      "authors resample (about 50 times slower here)")
+    limits = traits.Dict(desc="configs.InputLimits as a mapping: images beyond them are refused")
 
 
 class ConformOutputSpec(TraitedSpec):
@@ -29,7 +31,8 @@ class Conform(SimpleInterface):
     output_spec = ConformOutputSpec
 
     def _run_interface(self, runtime):
-        img = load_volume(self.inputs.in_file, echo=self.inputs.echo)
+        limits = InputLimits(**self.inputs.limits) if isdefined(self.inputs.limits) else None
+        img = load_volume(self.inputs.in_file, echo=self.inputs.echo, limits=limits)
         data = np.nan_to_num(np.asarray(img.dataobj), nan=0.0, posinf=0.0, neginf=0.0)
         if data.max() == data.min():
             raise ImageError(f"{self.inputs.in_file}: image is constant ({data.max()}) or all NaN")

@@ -64,7 +64,7 @@ class ToNative(SimpleInterface):
         mask = resample(nib.load(self.inputs.brain_mask), shape, affine, "linear")
         mask = (np.asarray(mask.dataobj) >= 0.5).astype(np.uint8)
         nib.save(nib.Nifti1Image(mask, affine), cwd / "brain_mask.nii.gz")
-        quality = mask_quality(mask > 0, reference.header.get_zooms())
+        quality = mask_quality(mask > 0, nib.affines.voxel_sizes(affine))
         (cwd / "brain_mask_quality.json").write_text(json.dumps(quality, indent=2) + "\n")
 
         self._results.update(probability=str(cwd / "probability.nii.gz"),

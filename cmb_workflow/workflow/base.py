@@ -4,18 +4,19 @@ preprocessing cannot stop the prediction of the other images of its batch."""
 
 from nipype.pipeline import engine as pe
 
+from ..configs import Settings
 from ..interfaces.predict import Predict
 from .image import init_postprocess_wf, init_preprocess_wf
 
 
-def init_preprocess_study_wf(jobs, config: dict, handoff_dir: str, work_dir: str) -> pe.Workflow:
+def init_preprocess_study_wf(jobs, config: Settings, handoff_dir: str, work_dir: str) -> pe.Workflow:
     workflow = pe.Workflow(name="preprocess", base_dir=str(work_dir))
     workflow.add_nodes([init_preprocess_wf(job, config, f"{handoff_dir}/{job.node_name}.json",
                                            name=job.node_name) for job in jobs])
     return workflow
 
 
-def init_predict_study_wf(batches: dict, prepared: dict, config: dict, out_dir: str,
+def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, out_dir: str,
                           work_dir: str, predict_plugin_args: dict | None = None,
                           command_line: str = "") -> pe.Workflow:
     """batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record."""
@@ -25,11 +26,11 @@ def init_predict_study_wf(batches: dict, prepared: dict, config: dict, out_dir: 
         batch_wf = pe.Workflow(name=batch_name)
         predict = pe.Node(Predict(in_files=[prepared[job.node_name]["image"] for job in batch],
                                   mask_files=[prepared[job.node_name]["mask"] for job in batch],
-                                  model_descriptor=str(config["models"]),
-                                  allow_unverified=config["allow_unverified_models"],
-                                  mask_input=config["mask_input"],
-                                  mask_output=config["mask_output"]),
-                          name="predict", mem_gb=config["predict_memory_gb"])
+                                  model_descriptor=str(config.models),
+                                  allow_unverified=config.allow_unverified_models,
+                                  mask_input=config.mask_input,
+                                  mask_output=config.mask_output),
+                          name="predict", mem_gb=config.predict_memory_gb)
         if predict_plugin_args:
             predict.plugin_args = predict_plugin_args
         batch_wf.add_nodes([predict])

@@ -3,15 +3,12 @@
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..configs import ConfigError
+from ..configs import Settings
 from ..interfaces.brainmask import BrainMask
 from ..interfaces.brainmask_model import PredictBrainMask
 from ..interfaces.template import RegisterTemplate
 
-BRAIN_MASK_MODES = ("auto", "supplied", "none")
-
-
-def init_brain_mask_wf(job, config: dict, *, name: str = "brain_mask") -> pe.Workflow:
+def init_brain_mask_wf(job, config: Settings, *, name: str = "brain_mask") -> pe.Workflow:
     """inputnode.in_file: the conformed image (and supplied_mask, connected when job.mask is
     set) -> outputnode.out_file: its brain mask; outputnode.template_transforms and
     registration_error: the MNI152 template registered to the image, which every mode has (the
@@ -21,16 +18,14 @@ def init_brain_mask_wf(job, config: dict, *, name: str = "brain_mask") -> pe.Wor
     auto (the brain-mask model if brain_mask_model is set, else the registered template),
     none (the whole image) or supplied (the image fails: a mask was required).
     """
-    mode = config["brain_mask"]
-    if mode not in BRAIN_MASK_MODES:
-        raise ConfigError(f"brain_mask {mode!r}: expected one of {', '.join(BRAIN_MASK_MODES)}")
+    mode = config.brain_mask
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "supplied_mask"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["out_file", "template_transforms", "registration_error"]), name="outputnode")
     method = "supplied" if job.mask is not None else {"auto": "template"}.get(mode, mode)
-    use_model = job.mask is None and mode == "auto" and config["brain_mask_model"]
+    use_model = job.mask is None and mode == "auto" and config.brain_mask_model
     register = pe.Node(RegisterTemplate(required=method == "template" and not use_model),
                        name="register_template")
     workflow.connect([(inputnode, register, [("in_file", "in_file")]),
@@ -39,12 +34,12 @@ def init_brain_mask_wf(job, config: dict, *, name: str = "brain_mask") -> pe.Wor
 
     if use_model:
         predict = pe.Node(PredictBrainMask(
-            model_descriptor=str(config["brain_mask_model"]),
-            allow_unverified=config["allow_unverified_models"],
-            dimensions=tuple(config["final_dimensions"]), top_margin=config["top_margin"],
-            normalization=config["normalization"], percentile=config["percentile"],
-            clip_max=config["clip_max"]), name="predict_brain_mask",
-            mem_gb=config["predict_memory_gb"])
+            model_descriptor=str(config.brain_mask_model),
+            allow_unverified=config.allow_unverified_models,
+            dimensions=tuple(config.final_dimensions), top_margin=config.top_margin,
+            normalization=config.normalization, percentile=config.percentile,
+            clip_max=config.clip_max), name="predict_brain_mask",
+            mem_gb=config.predict_memory_gb)
         workflow.connect([(inputnode, predict, [("in_file", "in_file")]),
                           (predict, outputnode, [("out_file", "out_file")])])
         return workflow

@@ -9,6 +9,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from ..configs import Settings
 from ..interfaces.conform import Conform
 from ..interfaces.crop import CropToBrain
 from ..interfaces.derivatives import WriteDerivatives
@@ -22,22 +23,22 @@ from ..interfaces.report import SubjectReport
 from .brainmask import init_brain_mask_wf
 
 
-def init_preprocess_wf(job, config: dict, handoff_file: str, *, name: str) -> pe.Workflow:
+def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -> pe.Workflow:
     """Workflow for one image up to the models' input; its inputnode is filled from `job`."""
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "mask_file"]), name="inputnode")
     inputnode.inputs.in_file = str(job.source)
 
-    conform = pe.Node(Conform(echo=config["echo"], interpolation=config["interpolation"]),
-                      name="conform")
+    conform = pe.Node(Conform(echo=config.echo, interpolation=config.interpolation,
+                              limits=config.as_dict()["input_limits"]), name="conform")
     brain_mask = init_brain_mask_wf(job, config)
     if job.mask is not None:
         inputnode.inputs.mask_file = str(job.mask)
         workflow.connect(inputnode, "mask_file", brain_mask, "inputnode.supplied_mask")
-    crop = pe.Node(CropToBrain(dimensions=tuple(config["final_dimensions"]),
-                               top_margin=config["top_margin"]), name="crop")
-    normalize = pe.Node(Normalize(method=config["normalization"], percentile=config["percentile"],
-                                  clip_max=config["clip_max"]), name="normalize")
+    crop = pe.Node(CropToBrain(dimensions=tuple(config.final_dimensions),
+                               top_margin=config.top_margin), name="crop")
+    normalize = pe.Node(Normalize(method=config.normalization, percentile=config.percentile,
+                                  clip_max=config.clip_max), name="normalize")
     handoff = pe.Node(Handoff(out_file=handoff_file), name="handoff",
                       run_without_submitting=True)
     # Written by every run that gets here (see Handoff); the file is a few bytes.
@@ -59,16 +60,16 @@ def init_preprocess_wf(job, config: dict, handoff_file: str, *, name: str) -> pe
     return workflow
 
 
-def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
+def init_postprocess_wf(job, prepared: dict, config: Settings, out_dir: str, *,
                         command_line: str = "", name: str) -> pe.Workflow:
     """Workflow for one image from its probability map (inputnode.probability) to OUT;
     prepared: the image's Handoff record."""
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["probability"]), name="inputnode")
-    lesions = pe.Node(LabelLesions(threshold=config["threshold"],
-                                   connectivity=config["connectivity"],
-                                   min_size=config["min_lesion_size"],
-                                   min_peak=config["min_peak_probability"]), name="lesions")
+    lesions = pe.Node(LabelLesions(threshold=config.threshold,
+                                   connectivity=config.connectivity,
+                                   min_size=config.min_lesion_size,
+                                   min_peak=config.min_peak_probability), name="lesions")
     regions = pe.Node(LesionRegions(brain_mask=prepared["mask"],
                                     template_transforms=prepared["template_transforms"],
                                     registration_error=prepared["registration_error"]),
@@ -76,7 +77,7 @@ def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
     to_native = pe.Node(ToNative(reference=str(job.source), brain_mask=prepared["brain_mask"]),
                         name="to_native")
     qc = pe.Node(QualityControl(image=prepared["image"], mask=prepared["mask"],
-                                box=prepared["box"], limits=config["qc"]), name="qc")
+                                box=prepared["box"], limits=config.as_dict()["qc"]), name="qc")
     write = pe.Node(WriteDerivatives(out_dir=out_dir, relative_prefix=job.relative_prefix,
                                      source_file=str(job.source),
                                      settings=_recorded_settings(config)),
@@ -86,7 +87,7 @@ def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
     report = pe.Node(SubjectReport(
         title=Path(job.relative_prefix).name, source_file=str(job.source),
         conformed=prepared["conformed"], brain_mask=prepared["brain_mask"], box=prepared["box"],
-        model_descriptor=str(config["models"]), command_line=command_line,
+        model_descriptor=str(config.models), command_line=command_line,
         lesion_rule=_lesion_rule(config)), name="report")
 
     workflow.connect([
@@ -109,16 +110,16 @@ def init_postprocess_wf(job, prepared: dict, config: dict, out_dir: str, *,
     return workflow
 
 
-def _lesion_rule(config: dict) -> str:
-    rule = (f"probability above {config['threshold']:g}, {config['connectivity']}-connected, "
-            f"at least {config['min_lesion_size']} voxel(s)")
-    if config["min_peak_probability"]:
-        rule += f", highest probability at least {config['min_peak_probability']:g}"
+def _lesion_rule(config) -> str:
+    rule = (f"probability above {config.threshold:g}, {config.connectivity}-connected, "
+            f"at least {config.min_lesion_size} voxel(s)")
+    if config.min_peak_probability:
+        rule += f", highest probability at least {config.min_peak_probability:g}"
     return rule
 
 
-def _recorded_settings(config: dict) -> dict:
+def _recorded_settings(config) -> dict:
     keys = ("threshold", "connectivity", "min_lesion_size", "min_peak_probability",
             "normalization", "percentile", "interpolation", "mask_input", "mask_output",
             "brain_mask", "brain_mask_model")
-    return {"ModelDescriptor": str(config["models"]), **{key: config[key] for key in keys}}
+    return {"ModelDescriptor": str(config.models), **{key: getattr(config, key) for key in keys}}

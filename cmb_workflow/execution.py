@@ -1,0 +1,218 @@
+"""How a run executes its graphs: the Nipype plugin and its arguments, progress lines, the run
+log, the lock on OUT and the work folder, and a clean stop on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from .configs import ConfigError, Settings
+from .slurm import SLURM_PLUGINS, SbatchArgs, cancel_jobs, prepare as prepare_slurm, wait_for_jobs
+
+LOGGER = logging.getLogger("cmb_workflow")
+# Seconds the workers get to end after SIGTERM before they are killed.
+WORKER_GRACE_SECONDS = 10
+
+
+class Execution:
+    """The Nipype plugin of a run, its arguments, and the progress lines."""
+
+    def __init__(self, config: Settings, job_log_dir: Path, labels: dict):
+        self.plugin = config.plugin
+        self.sbatch = None
+        self.args: dict = {}
+        if self.plugin == "MultiProc":
+            # forkserver: workers must not inherit a parent that has TensorFlow loaded (fork
+            # deadlocks).
+            self.args = {"n_procs": config.nprocs or os.cpu_count() or 1,
+                         "mp_context": "forkserver"}
+            multiprocessing.get_context("forkserver").set_forkserver_preload(
+                ["cmb_workflow.worker_logging"])
+            if config.memory_gb:
+                self.args["memory_gb"] = config.memory_gb
+        elif self.plugin in SLURM_PLUGINS:
+            self.sbatch = SbatchArgs(config.slurm, job_log_dir)
+            prepare_slurm(self.sbatch)
+            job_log_dir.mkdir(parents=True, exist_ok=True)
+            self.args = {"sbatch_args": self.sbatch.common}
+            if self.plugin == "SLURMGraph":
+                # Otherwise every finished step of a resumed run is a job of its own.
+                self.args["dont_resubmit_completed_jobs"] = True
+        if self.plugin != "SLURMGraph":  # Nipype's graph plugins take no status callback
+            self.args["status_callback"] = Progress(labels)
+
+    @property
+    def predict_plugin_args(self) -> dict | None:
+        """Per-node arguments of the prediction jobs (GPU, memory), replacing the common ones."""
+        if self.sbatch is None:
+            return None
+        return {"sbatch_args": self.sbatch.predict, "overwrite": True}
+
+    def run(self, workflow) -> None:
+        try:
+            workflow.run(plugin=self.plugin, plugin_args=self.args)
+        except RuntimeError as exc:
+            # Nipype raises after running everything it could when some nodes failed; the
+            # progress lines and the summary name them, the run log keeps Nipype's account.
+            logging.getLogger("cmb_workflow.crash").info("Nipype: %s", exc)
+        except Interrupted:
+            if self.sbatch is not None:
+                cancel_jobs(self.sbatch.comment)
+            raise
+        if self.plugin == "SLURMGraph":
+            wait_for_jobs(self.sbatch.comment)
+
+
+class Progress:
+    """Nipype's status callback: one line per image (or batch) and step as it ends."""
+
+    def __init__(self, labels: dict):
+        self.labels = labels
+        self.failed: set[str] = set()
+
+    def __call__(self, node, status: str) -> None:
+        if status == "start":
+            return
+        unit = unit_name(node.fullname)
+        label = self.labels.get(unit, unit)
+        if status == "exception":
+            self.failed.add(node.fullname)
+            LOGGER.error("%s: %s failed", label, node.name)
+        elif node.fullname not in self.failed:  # MultiProc also ends what failed
+            LOGGER.info("%s: %s done", label, node.name)
+
+
+def unit_name(fullname: str) -> str:
+    """'preprocess.sub_01.conform' -> 'sub_01'; 'predict.batch_0000.predict' -> 'batch_0000'."""
+    return fullname.split(".")[1]
+
+
+def configure_nipype(crash_dir: Path, log_dir: Path) -> Path:
+    """Nipype's execution settings, and the run log (returned) that gets Nipype's lines."""
+    from nipype import config as nipype_config, logging as nipype_logging
+
+    nipype_config.update_config({
+        "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                      # Content hashes make a re-run resume even after files were copied.
+                      "hash_method": "content", "stop_on_first_crash": False,
+                      "remove_unnecessary_outputs": False},
+        "monitoring": {"enabled": False},
+    })
+    nipype_logging.update_logging(nipype_config)
+    # Nipype prints each node's start and end on stdout; the run log keeps them, the terminal
+    # shows cmb_workflow's progress lines instead (the CLI's handler leaves Nipype out too).
+    for nipype_handler in logging.getLogger("nipype").handlers:
+        if type(nipype_handler) is logging.StreamHandler:
+            nipype_handler.setLevel(logging.CRITICAL)
+    # A plain handler: Nipype's own log file uses a lock that forked MultiProc workers break.
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_file = log_dir / f"cmb-workflow_{stamp}.log"
+    # A second run started within the same second gets a log of its own.
+    for repeat in itertools.count(2):
+        if not log_file.exists():
+            break
+        log_file = log_dir / f"cmb-workflow_{stamp}-{repeat}.log"
+    # MultiProc workers log there too (worker_logging), when their forkserver starts now.
+    os.environ["CMB_WORKFLOW_RUN_LOG"] = str(log_file)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    for name in ("cmb_workflow", "cmb_workflow.crash", "nipype.workflow"):
+        logger = logging.getLogger(name)
+        # One run log at a time, also when several runs share a process (demo, tests).
+        for old in [h for h in logger.handlers if getattr(h, "cmb_run_log", False)]:
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(handler)
+    handler.cmb_run_log = True
+    # The run log gets the progress lines whatever the embedding program's root level is.
+    LOGGER.setLevel(logging.INFO)
+    return log_file
+
+
+class RunLockedError(ConfigError):
+    """Another run holds OUT or the work folder."""
+
+
+class RunLock:
+    """An exclusive lock on a folder for the whole run, held through an open file.
+
+    The kernel drops a POSIX lock when its process ends, however it ends, so a killed run
+    leaves nothing that blocks the next one; the file only says who held it last.
+    """
+
+    NAME = ".cmb-workflow.lock"
+
+    def __init__(self, folder: Path):
+        self.path = folder / self.NAME
+        self.handle = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLockedError(f"{self.path.parent}: in use by {holder}; wait for that run "
+                                 "to end or stop it (a killed run's lock is released at once)")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} "
+                     f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc_info):
+        # Closing releases the lock; the file stays so that a reader never races its removal.
+        self.handle.close()
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; a BaseException so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_on_signals():
+    """Turn SIGTERM and SIGINT into Interrupted in the main thread; returns a function that
+    restores the previous handlers."""
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(signum, old) for signum, old in previous.items()]
+
+
+def stop_children(grace_seconds: float = WORKER_GRACE_SECONDS) -> list[int]:
+    """Terminate every process this one started (MultiProc workers, their forkserver, the
+    resource tracker), wait for them, kill what is left; returns the pids that were stopped."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(children, timeout=grace_seconds)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_seconds)
+    return [child.pid for child in children]
