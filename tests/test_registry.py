@@ -123,6 +123,14 @@ def test_names_resolve_only_once_installed(home, tmp_path, capsys):
     installed = install_model("test-cmb", tmp_path / "release")
     assert resolve_descriptor("test-cmb") == installed
     assert installed == models_home() / "test-cmb" / "test-cmb.json"
+    # Installed, the name gets past the model checks (the empty input is what stops the run)...
+    (tmp_path / "in").mkdir()
+    assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"), "--models", "test-cmb"]) == 2
+    assert_one_line_error(capsys, "no *_swi or *_T2starw images found")
+    # ... and --brain-mask-model reads the installed descriptor too (a CMB model, refused there).
+    assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"),
+                 "--brain-mask-model", "test-cmb"]) == 2
+    assert_one_line_error(capsys, f"{installed}: descriptor target is 'CMB'")
 
 
 def test_release_with_other_folder_layout_installs(home, tmp_path):
@@ -231,7 +239,7 @@ class ReleaseHandler(http.server.BaseHTTPRequestHandler):
 def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ReleaseHandler)
     httpd.requests, httpd.cut, httpd.content_type = [], None, "application/zip"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield httpd
     httpd.shutdown()
@@ -323,7 +331,6 @@ def test_provenance_of_an_unknown_descriptor(tmp_path):
     assert (provenance["Name"], provenance["License"]) == ("model_info_mine", "unknown")
 
 
-@pytest.mark.slow
 def test_release_zip_of_a_real_ensemble_installs_verifies_and_loads_by_name(
         home, savedmodel_models, tmp_path, capsys):
     """Acceptance: a SHIVA-format (v2 layout) ensemble, zipped as released, used by name."""
