@@ -20,8 +20,9 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("in_dir", metavar="IN", help="BIDS-like folder: sub-<label>/[ses-<label>/]"
                         "anat/*_swi.nii.gz or *_T2starw.nii.gz")
     parser.add_argument("out_dir", metavar="OUT", help="output folder (a BIDS derivatives dataset)")
-    parser.add_argument("--models", metavar="JSON",
-                        help="model_info*.json of a SHIVA-CMB ensemble (.h5 or SavedModel); "
+    parser.add_argument("--models", metavar="NAME|JSON",
+                        help="an installed model's name (cmb-workflow models list) or the "
+                             "model_info*.json of a SHIVA-CMB ensemble (.h5 or SavedModel); "
                              "default: the bundled demo model, for synthetic data only")
     parser.add_argument("--config", metavar="YAML",
                         help="settings overriding cmb_workflow/configs/default.yml")
@@ -47,8 +48,9 @@ def _add_run_parser(subparsers) -> None:
                         help="for images without a supplied mask: auto (default: the MNI152 "
                              "template registered to the image, or --brain-mask-model), supplied "
                              "(such images fail) or none (the whole image)")
-    parser.add_argument("--brain-mask-model", metavar="JSON",
-                        help="model_info*.json of a SHIVA brain-mask model for --brain-mask auto")
+    parser.add_argument("--brain-mask-model", metavar="NAME|JSON",
+                        help="installed model name or model_info*.json of a SHIVA brain-mask "
+                             "model for --brain-mask auto")
     parser.add_argument("--echo", type=int, help="echo of multi-echo data to use (default 1)")
     parser.add_argument("--allow-unverified-models", action="store_true", default=None,
                         help="load model files whose md5 does not match their descriptor. Model "
@@ -58,7 +60,7 @@ def _add_run_parser(subparsers) -> None:
 
 def _run(args) -> int:
     from .configs import load_config
-    from .runner import run_study
+        from .runner import run_study
 
     overrides = {key: getattr(args, key) for key in (
         "models", "work_dir", "plugin", "nprocs", "threshold", "min_peak_probability",
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "write a BIDS-like dataset of synthetic heads with known microbleeds")
     _add_tool_parser(subparsers, "evaluate", "evaluate",
                      "lesion-wise metrics (VALDO 5 mm matching) of results against a truth")
+    _add_tool_parser(subparsers, "models", "registry",
+                     "list, install (from a release zip or its url) and verify the models")
     _add_tool_parser(subparsers, "train-demo", "training",
                      "train the demo model (synthetic phantoms only) on CPU from a seed")
     return parser

@@ -279,14 +279,25 @@ def load_ensemble(json_path, *, allow_unverified: bool = False,
         return _ENSEMBLES[key]
     verify(descriptor, allow_unverified=allow_unverified)
     folds = []
-    for model_file in descriptor.files:
+    for number, model_file in enumerate(descriptor.files, 1):
         if model_file.path.is_dir():
-            folds.append(_load_savedmodel(model_file.path))
+            loader = _load_savedmodel
         elif model_file.path.suffix in (".h5", ".hdf5"):
-            folds.append(_load_h5(model_file.path))
+            loader = _load_h5
         else:
             raise ModelError(f"{model_file.path}: unknown model format (expected .h5 or a "
                              "SavedModel directory)")
+        try:
+            folds.append(loader(model_file.path))
+        except ModelError:
+            raise
+        # h5py and TensorFlow fail in many ways; any of them must stop the run, never leave an
+        # ensemble with fewer folds than the descriptor lists.
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"{model_file.path}: fold {number} of {len(descriptor.files)} "
+                             f"cannot be loaded ({reason}); refusing to run with fewer "
+                             "folds") from exc
         LOGGER.info("loaded model fold %s", model_file.path)
     _ENSEMBLES[key] = ensemble = Ensemble(descriptor, folds)
     return ensemble

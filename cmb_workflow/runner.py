@@ -14,6 +14,7 @@ from .configs import ConfigError, Settings, save_settings
 from .execution import (Execution, Interrupted, RunLock, configure_nipype, raise_on_signals,
                         stop_children)
 from .models import read_descriptor, verify
+from .registry import model_provenance
 from .summary import write_dataset_description, write_summary
 
 LOGGER = logging.getLogger("cmb_workflow")
@@ -31,9 +32,12 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
     # Refuse a tampered model here, once, before any subject starts.
     verify(descriptor, allow_unverified=config.allow_unverified_models)
     config = with_model_detection_threshold(config, descriptor)
+    models = [model_provenance(descriptor)]
     if config.brain_mask_model:
-        verify(read_descriptor(config.brain_mask_model, expected_target="brain_mask"),
-               allow_unverified=config.allow_unverified_models)
+        brain_mask_descriptor = read_descriptor(config.brain_mask_model,
+                                                expected_target="brain_mask")
+        verify(brain_mask_descriptor, allow_unverified=config.allow_unverified_models)
+        models.append(model_provenance(brain_mask_descriptor))
 
     jobs, rejected = find_images(in_dir, input_type=config.input_type,
                                  participant_label=config.participant_label,
@@ -46,7 +50,7 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
         # The workers are stopped before the locks are released.
         with RunLock(out_dir), RunLock(work_dir) if work_dir != out_dir else nullcontext():
             try:
-                return _run_locked(jobs, rejected, out_dir, work_dir, descriptor, config,
+                return _run_locked(jobs, rejected, out_dir, work_dir, models, config,
                                    command_line)
             except Interrupted as stop:
                 stopped = stop_children()
@@ -88,11 +92,11 @@ def _make_folder(folder: Path) -> None:
         raise ConfigError(f"{folder}: cannot write there ({exc.strerror or exc})") from exc
 
 
-def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, descriptor, config: Settings,
-                command_line: str) -> int:
+def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict],
+                config: Settings, command_line: str) -> int:
     labels = {job.node_name: job.prefix for job in jobs}
     execution = Execution(config, out_dir / "logs" / "slurm", labels)
-    write_dataset_description(out_dir, descriptor)
+    write_dataset_description(out_dir, models)
     crash_dir = work_dir / "crash"
     # Handoff records prove that this run (not an earlier one) prepared an image.
     handoff_dir = work_dir / "handoff"
@@ -117,9 +121,9 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, descriptor, confi
             labels[name] = ", ".join(job.prefix for job in batch)
             batch_of.update({job.node_name: name for job in batch})
         if batches:
-            execution.run(init_predict_study_wf(batches, prepared, config, str(out_dir),
-                                                str(work_dir), execution.predict_plugin_args,
-                                                command_line))
+            execution.run(init_predict_study_wf(batches, prepared, config, models[0],
+                                                str(out_dir), str(work_dir),
+                                                execution.predict_plugin_args, command_line))
 
     rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of)
     failed = [row for row in rows if row["status"] != "ok"]

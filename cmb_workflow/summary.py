@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -43,16 +44,35 @@ def write_summary(out_dir: Path, jobs, rejected, crash_dir: Path, prepared: dict
     return rows
 
 
-def write_dataset_description(out_dir: Path, descriptor) -> None:
+def write_dataset_description(out_dir: Path, models: list[dict]) -> None:
+    """BIDS-Derivatives dataset_description.json: this tool (and its container, if any) and the
+    models that made the results (registry.model_provenance)."""
+    tool = {"Name": "cmb-workflow", "Version": __version__}
+    code_url = _package_metadata("Home-page")
+    if code_url:
+        tool["CodeURL"] = code_url
+    # Set in the project's container images (containers/), as "docker:<tag>" or "apptainer:<tag>".
+    container = os.environ.get("CMB_WORKFLOW_CONTAINER", "")
+    if ":" in container:
+        kind, tag = container.split(":", 1)
+        tool["Container"] = {"Type": kind, "Tag": tag}
     description = {
         "Name": "cmb-workflow: cerebral microbleed maps",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "cmb-workflow", "Version": __version__,
-                         "Description": f"model {descriptor.json_path.name} "
-                                        f"version {descriptor.version or 'unknown'}"}],
+        "GeneratedBy": [tool, *models],
     }
     write_text_atomic(json.dumps(description, indent=2) + "\n", out_dir / "dataset_description.json")
+
+
+def _package_metadata(key: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        value = metadata.metadata("cmb-workflow").get(key)
+    except metadata.PackageNotFoundError:
+        return None
+    return value if value and value != "UNKNOWN" else None
 
 
 def crash_reasons(crash_dir: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -83,6 +84,18 @@ def test_unverified_model_loads_only_with_the_explicit_flag(h5_models, caplog):
     ensemble = load_ensemble(tampered, allow_unverified=True)
     assert ensemble.predict(blob_volume())[0, 80, 100, 90] > 0.9
     assert "loading it anyway" in caplog.text
+
+
+def test_a_fold_that_cannot_be_loaded_stops_the_ensemble(savedmodel_models, tmp_path):
+    """Verified checksums but a broken SavedModel: refused naming the fold, never skipped."""
+    models = tmp_path / "SWI-CMB"
+    shutil.copytree(savedmodel_models.parent, models)
+    (models / "fold1.tf_inference" / "saved_model.pb").write_bytes(b"not a graph")
+    info = json.loads(savedmodel_models.read_text())
+    info["files"][1]["md5"] = md5sum(models / "fold1.tf_inference")
+    (models / "model_info.json").write_text(json.dumps(info))
+    with pytest.raises(ModelError, match=r"fold1\.tf_inference: fold 2 of 2 cannot be loaded"):
+        load_ensemble(models / "model_info.json")
 
 
 def test_descriptor_for_other_modalities_is_refused(tmp_path):

@@ -23,7 +23,8 @@ def setting(default, doc: str, *, kind: str = "", choices=(), minimum=None, maxi
             optional: bool = False, exclusive_minimum: bool = False):
     """A settings field: its default, its one-line documentation and what values it takes.
 
-    kind: bool, int, float, str, path, labels (list of str), dimensions (3 positive ints),
+    kind: bool, int, float, str, path, model (a path or an installed model's name), labels
+    (list of str), dimensions (3 positive ints),
     range (two numbers, low <= high); default: the type of the default value.
     """
     return field(default=default, metadata={
@@ -105,8 +106,9 @@ class Settings:
     """Everything a run can be told. Read as settings.<name>; sections as settings.slurm.cpus."""
 
     # Models
-    models: str | None = setting(None, "model_info*.json of the CMB ensemble; None: the bundled "
-                                 "demo model (synthetic data only)", kind="path", optional=True)
+    models: str | None = setting(None, "model_info*.json of the CMB ensemble, or an installed "
+                                 "model's name (cmb-workflow models list); None: the bundled "
+                                 "demo model (synthetic data only)", kind="model", optional=True)
     allow_unverified_models: bool = setting(False, "load model files whose md5 does not match "
                                             "their descriptor (model files execute code)")
     # Inputs
@@ -122,8 +124,9 @@ class Settings:
     brain_mask: str = setting("auto", "without a supplied mask: auto (brain_mask_model if set, "
                               "else the registered MNI152 template), supplied (the image fails) "
                               "or none (the whole image)", choices=("auto", "supplied", "none"))
-    brain_mask_model: str | None = setting(None, "model_info*.json of a SHIVA brain-mask model "
-                                           "for brain_mask auto", kind="path", optional=True)
+    brain_mask_model: str | None = setting(None, "model_info*.json (or installed name) of a "
+                                           "SHIVA brain-mask model for brain_mask auto",
+                                           kind="model", optional=True)
     input_limits: InputLimits = _section(InputLimits)
     # Preprocessing, as the SHIVA-CMB models were trained
     interpolation: str = setting("bspline", "conform kernel: bspline (cubic) | welch (windowed "
@@ -222,8 +225,13 @@ def _merge(values: dict, update: dict, *, source: str, base: Path, prefix: str =
             _merge(values[key], value, source=source, base=base, prefix=f"{name}.")
             continue
         checked = _check(name, value, fields[key].metadata, source)
-        if fields[key].metadata["kind"] == "path" and checked is not None:
+        kind = fields[key].metadata["kind"]
+        if kind == "path" and checked is not None:
             checked = str((base / Path(checked).expanduser()).resolve())
+        elif kind == "model" and checked is not None:
+            from ..registry import resolve_descriptor
+
+            checked = str(resolve_descriptor(checked, base))
         values[key] = _plain(checked)
 
 
@@ -269,8 +277,8 @@ def _check(name: str, value, meta: dict, source: str):
         if not isinstance(value, bool):
             raise refuse("true or false")
         return value
-    if kind in ("str", "path"):
-        if not isinstance(value, str) or (kind == "path" and not value.strip()):
+    if kind in ("str", "path", "model"):
+        if not isinstance(value, str) or (kind != "str" and not value.strip()):
             raise refuse("a text" if kind == "str" else "a path")
         return value
     if kind == "labels":

@@ -16,10 +16,11 @@ def init_preprocess_study_wf(jobs, config: Settings, handoff_dir: str, work_dir:
     return workflow
 
 
-def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, out_dir: str,
-                          work_dir: str, predict_plugin_args: dict | None = None,
+def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, model: dict,
+                          out_dir: str, work_dir: str, predict_plugin_args: dict | None = None,
                           command_line: str = "") -> pe.Workflow:
-    """batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record."""
+    """batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record;
+    model: the CMB model's provenance (registry.model_provenance), recorded in the sidecars."""
     workflow = pe.Workflow(name="predict", base_dir=str(work_dir))
     for batch_name, batch in batches.items():
         # A workflow per batch names its node like the images' ones: predict.<batch>.predict
@@ -35,8 +36,9 @@ def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, out_d
             predict.plugin_args = predict_plugin_args
         batch_wf.add_nodes([predict])
         for index, job in enumerate(batch):
-            image_wf = init_postprocess_wf(job, prepared[job.node_name], config, str(out_dir),
-                                           command_line=command_line, name=job.node_name)
+            image_wf = init_postprocess_wf(job, prepared[job.node_name], config, model,
+                                           str(out_dir), command_line=command_line,
+                                           name=job.node_name)
             workflow.connect(batch_wf, ("predict.out_files", _pick, index),
                              image_wf, "inputnode.probability")
     return workflow

@@ -60,10 +60,10 @@ def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -
     return workflow
 
 
-def init_postprocess_wf(job, prepared: dict, config: Settings, out_dir: str, *,
+def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_dir: str, *,
                         command_line: str = "", name: str) -> pe.Workflow:
     """Workflow for one image from its probability map (inputnode.probability) to OUT;
-    prepared: the image's Handoff record."""
+    prepared: the image's Handoff record; model: the model's provenance for the sidecars."""
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["probability"]), name="inputnode")
     lesions = pe.Node(LabelLesions(threshold=config.threshold,
@@ -80,7 +80,7 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, out_dir: str, *,
                                 box=prepared["box"], limits=config.as_dict()["qc"]), name="qc")
     write = pe.Node(WriteDerivatives(out_dir=out_dir, relative_prefix=job.relative_prefix,
                                      source_file=str(job.source),
-                                     settings=_recorded_settings(config)),
+                                     settings=_recorded_settings(config, model)),
                     name="write_derivatives", run_without_submitting=True)
     # Outputs are cheap to copy; writing them every run restores a deleted or edited OUT.
     write.overwrite = True
@@ -118,8 +118,8 @@ def _lesion_rule(config) -> str:
     return rule
 
 
-def _recorded_settings(config) -> dict:
+def _recorded_settings(config, model: dict) -> dict:
     keys = ("threshold", "connectivity", "min_lesion_size", "min_peak_probability",
             "normalization", "percentile", "interpolation", "mask_input", "mask_output",
             "brain_mask", "brain_mask_model")
-    return {"ModelDescriptor": str(config.models), **{key: getattr(config, key) for key in keys}}
+    return {"Model": model, **{key: getattr(config, key) for key in keys}}
