@@ -60,7 +60,7 @@ def _add_run_parser(subparsers) -> None:
 
 def _run(args) -> int:
     from .configs import load_config
-        from .runner import run_study
+    from .runner import run_study
 
     overrides = {key: getattr(args, key) for key in (
         "models", "work_dir", "plugin", "nprocs", "threshold", "min_peak_probability",

@@ -126,7 +126,7 @@ def test_names_resolve_only_once_installed(home, tmp_path, capsys):
     # Installed, the name gets past the model checks (the empty input is what stops the run)...
     (tmp_path / "in").mkdir()
     assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"), "--models", "test-cmb"]) == 2
-    assert_one_line_error(capsys, "no *_swi or *_T2starw images found")
+    assert_one_line_error(capsys, "no image found in the expected layout")
     # ... and --brain-mask-model reads the installed descriptor too (a CMB model, refused there).
     assert main(["run", str(tmp_path / "in"), str(tmp_path / "out"),
                  "--brain-mask-model", "test-cmb"]) == 2
