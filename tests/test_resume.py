@@ -47,3 +47,50 @@ def test_killed_run_resumes_without_recomputing_and_gives_identical_outputs(
     assert main([*args, "--plugin", "Linear"]) == 0
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
     assert result_digests(out) == result_digests(multiproc_run)
+
+
+def descendants(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def test_sigterm_stops_every_worker_and_the_run_resumes_from_another_folder_with_relative_paths(
+        study, h5_models, multiproc_run, tmp_path):
+    import psutil
+
+    out = tmp_path / "cmb"
+    command = Path(sys.executable).parent / "cmb-workflow"
+    # Relative IN, OUT and --models, from another working folder.
+    args = ["run", os.path.relpath(study, tmp_path), "cmb",
+            "--models", os.path.relpath(h5_models, tmp_path)]
+    with open(tmp_path / "stopped.log", "w") as log:
+        process = subprocess.Popen([str(command), *args, "--plugin", "MultiProc", "--nprocs", "2"],
+                                   stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        workers: set[int] = set()
+        try:
+            deadline = time.monotonic() + 600
+            while not list((out / "work").glob("preprocess/*/normalize/result_normalize.pklz")):
+                assert process.poll() is None, (tmp_path / "stopped.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no image was normalised in 10 minutes"
+                workers |= descendants(process.pid)
+                time.sleep(0.2)
+            workers |= descendants(process.pid)
+            process.send_signal(signal.SIGTERM)  # the main process only, as `kill PID` does
+            assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert workers, "MultiProc started no worker"
+    alive = [pid for pid in workers if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left running after SIGTERM: {alive}"
+    assert "run the same command again to resume" in (tmp_path / "stopped.log").read_text()
+
+    resumed = subprocess.run([str(command), *args, "--plugin", "Linear"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert result_digests(out) == result_digests(multiproc_run)
