@@ -94,7 +94,7 @@ def run_study(in_dir, out_dir, config: dict, command_line: str = "") -> int:
     _write_tsv(out_dir / "qc.tsv", qc_rows, QC_COLUMNS)
     from .reporting import write_index
 
-    write_index(out_dir, rows, SUMMARY_COLUMNS)
+    write_index(out_dir, rows, SUMMARY_COLUMNS, descriptor.json_path)
     failed = [row for row in rows if row["status"] != "ok"]
     for row in failed:
         LOGGER.error("FAILED %s: %s", row["source"], row["message"])
