@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 import subprocess
-import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -107,3 +107,151 @@ def test_to_template_undoes_the_transforms_that_warp_the_template_onto_the_image
     subject_point = subject_affine[:3, :3] @ centre + subject_affine[:3, 3]
     expected = template_affine[:3, :3] @ [41, 21, 31] + template_affine[:3, 3]
     np.testing.assert_allclose(to_template([subject_point], [path])[0], expected, atol=0.3)
+
+
+def synthetic_report_inputs(folder):
+    """A small 1 mm RAS head with a 2-voxel and a 27-voxel lesion, and every file the report
+    reads, as the pipeline writes them."""
+    rng = np.random.default_rng(7)
+    shape = (64, 72, 60)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-32.0, -40.0, -25.0]
+    grid = np.indices(shape) - (np.array(shape) // 2)[:, None, None, None]
+    mask = ((grid / (np.array(shape)[:, None, None, None] * 0.42)) ** 2).sum(axis=0) <= 1
+    image = np.where(mask, 0.6, 0.05) + rng.normal(0, 0.03, shape)
+    probability = np.zeros(shape, np.float32)
+    probability[40, 30, 30:32] = [0.95, 0.8]
+    probability[20:23, 45:48, 25:28] = 0.7
+    image[probability > 0.5] = 0.15
+    labels, rows = label_lesions(probability, affine, 0.5, 26, 1)
+    regions = [{"region": "frontal", "mars_class": "lobar", "hemisphere": "right",
+                "x_mni": 20.5, "y_mni": 31.0, "z_mni": 5.5},
+               {"region": "unknown", "mars_class": "unknown", "hemisphere": "unknown",
+                "x_mni": "n/a", "y_mni": "n/a", "z_mni": "n/a"}]
+    rows = [{**row, **region} for row, region in zip(rows, regions)]
+    files = {"conformed": image.astype(np.float32), "brain_mask": mask.astype(np.uint8),
+             "labels": labels, "source_file": image.astype(np.float32)}
+    inputs = {}
+    for name, data in files.items():
+        inputs[name] = str(folder / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(data, affine), inputs[name])
+    for name, content in (("box", {"start": [2, 2, 2], "dimensions": [60, 68, 56],
+                                   "brain_voxels_outside_box": 0}),
+                          ("lesion_table", rows),
+                          ("qc", {**GOOD_QC, "n_clusters": 2, "qc_flags": []})):
+        inputs[name] = str(folder / f"{name}.json")
+        (folder / f"{name}.json").write_text(json.dumps(content))
+    return inputs
+
+
+def render_report(folder, **settings):
+    folder.mkdir(parents=True, exist_ok=True)
+    report = SubjectReport(title="sub-01", model_descriptor=str(demo_model_descriptor()),
+                           qc_limits=LIMITS, command_line="cmb-workflow demo OUT",
+                           lesion_rule="probability above 0.5", **settings,
+                           **synthetic_report_inputs(folder))
+    return report.run(cwd=str(folder)).outputs.out_file
+
+
+@pytest.fixture(scope="module")
+def report_page(tmp_path_factory):
+    return render_report(tmp_path_factory.mktemp("report"))
+
+
+def test_report_names_the_model_warns_of_the_demo_and_is_deterministic(report_page,
+                                                                      tmp_path):
+    text = open(report_page, encoding="utf-8").read()
+    assert text.index('class="banner"') < text.index("<h1>")
+    assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-4" in text
+    assert "aa43fd83ebaf038aa1033f455e37a4c3" in text
+    assert "Radiological convention: the subject&#39;s right (R) is on the left" in text
+    assert "Brain voxels at the intensity ceiling</td><td class=\"number\">1.00 %" in text
+    assert "(20.5, 31, 5.5)" in text and "definite" in text and "possible" in text
+    assert "Microbleeds: 2 (band 2-4)" in text
+    # Overview, mosaic and one thumbnail per lesion; the command line as the tests' helper strips.
+    assert text.count('<img src="data:image/png;base64,') == 2 + 2
+    assert "<h2>Command line</h2><pre>cmb-workflow demo OUT</pre>" in text
+    again = open(render_report(tmp_path), encoding="utf-8").read()
+    assert again.replace(str(tmp_path), "") == text.replace(str(Path(report_page).parent), "")
+
+
+def test_neurological_orientation_mirrors_the_views(report_page, tmp_path):
+    neurological = open(render_report(tmp_path, orientation="neurological"),
+                        encoding="utf-8").read()
+    assert "Neurological convention: the subject&#39;s right (R) is on the right" in neurological
+    images = re.findall(r'src="(data:[^"]+)"', neurological)
+    assert not set(images) & set(re.findall(r'src="(data:[^"]+)"', open(report_page).read()))
+
+
+def summary_rows():
+    row = {"subject": "01", "session": "", "run": "", "n_cmb": 3, "n_lobar": 2, "n_deep": 1,
+           "n_infratentorial": 0, "strictly_lobar": "no", "total_volume_mm3": 40.0,
+           "brain_volume_ml": 1400.0, "mask_fov_edge_fraction": 0.0, "qc_flags": "",
+           "status": "ok", "message": ""}
+    return [{**row, "source": "/data/sub-01/anat/sub-01_swi.nii.gz", "report": "sub-01_report.html"},
+            {**row, "subject": "02", "n_cmb": 12, "n_lobar": 12, "n_deep": 0,
+             "source": "/data/sub-02/anat/sub-02_swi.nii.gz", "report": "sub-02_report.html"},
+            {"subject": "03", "source": "/data/sub-03/anat/sub-03_swi.nii.gz", "status": "failed",
+             "message": "ImageError: empty image"}]
+
+
+@pytest.fixture(scope="module")
+def index_page(tmp_path_factory):
+    return write_index(tmp_path_factory.mktemp("index"), summary_rows(), SUMMARY_COLUMNS,
+                       demo_model_descriptor())
+
+
+def test_index_names_the_model_and_shows_each_images_count_band(index_page):
+    text = index_page.read_text()
+    assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-4" in text
+    assert '<span class="band band-2-4" data-sort="3">2-4</span>' in text
+    assert '<span class="band band-10" data-sort="12">&gt;=10</span>' in text
+    assert '<a href="sub-01_report.html">sub-01_swi.nii.gz</a>' in text
+    assert "ImageError: empty image" in text
+
+
+# What sticks out of the page sideways, posted to the frame holding the page; tables scroll
+# inside their .table-scroll, so only that box must fit.
+_OVERFLOW_SCRIPT = """<script>window.addEventListener("load", function () {
+  var width = document.documentElement.clientWidth, out = [];
+  document.querySelectorAll("body *").forEach(function (e) {
+    if (e.parentElement.closest(".table-scroll")) return;
+    var box = e.getBoundingClientRect();
+    if (box.width && (box.right > width + 1 || box.left < -1))
+      out.push(e.tagName + "." + e.className + " " + Math.round(box.left) + "-" + Math.round(box.right));
+  });
+  parent.postMessage(JSON.stringify(
+    {width: width, scroll: document.documentElement.scrollWidth, out: out}), "*");
+});</script></body>"""
+# Headless Chromium's window is at least 500 px wide: a frame gives the page a phone's width.
+_FRAME = """<!DOCTYPE html><html><body style="margin:0"><iframe src="{src}" style="border:0"
+width="{width}" height="900"></iframe><script>window.addEventListener("message", function (e) {{
+  document.body.dataset.overflow = e.data; }});</script></body></html>"""
+# Phone, laptop, and A4 paper at 96 dpi.
+WIDTHS = {"phone": 390, "laptop": 1366, "print": 794}
+
+
+def overflow(browser, page, width, folder):
+    probe = folder / f"{page.stem}-probe.html"
+    probe.write_text(page.read_text().replace("</body>", _OVERFLOW_SCRIPT))
+    frame = folder / f"{page.stem}-{width}.html"
+    frame.write_text(_FRAME.format(src=probe.name, width=width))
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", f"--user-data-dir={folder / 'chromium'}", "--window-size=1400,900",
+         "--virtual-time-budget=5000", "--dump-dom", frame.as_uri()],
+        check=True, capture_output=True, text=True, timeout=120).stdout
+    return json.loads(html.unescape(re.search(r'data-overflow="([^"]*)"', dom).group(1)))
+
+
+@pytest.mark.slow
+def test_reports_fit_phone_laptop_and_a4_widths_in_chromium(report_page, index_page, tmp_path):
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed: the layout check needs a browser")
+    for page in (Path(report_page), index_page):
+        for device, width in WIDTHS.items():
+            result = overflow(browser, page, width, tmp_path)
+            assert result["width"] == width, result  # the window is the viewport asked for
+            assert not result["out"] and result["scroll"] <= width, (page.name, device, result)
