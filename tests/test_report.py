@@ -51,12 +51,14 @@ def test_qc_metrics_describe_every_qc_column_and_give_its_limit_unit_and_result(
                                           "unusual_intensity_histogram", "registration_failure"]
     rows = {row["label"]: row for row in qc_rows({**bad, "qc_flags": []}, LIMITS)}
     assert rows["Brain volume (native mask)"] == {
-        "label": "Brain volume (native mask)", "value": "500.0 mL", "limit": "800 mL to 2200 mL",
+        "label": "Brain volume (native mask)", "value": "500.0\u00a0mL",
+        "limit": "800\u00a0mL to 2200\u00a0mL",
         "passed": False, "flag": "brain_volume_out_of_range"}
     dark = rows["Brain voxels below a tenth of the ceiling"]
-    assert (dark["value"], dark["limit"], dark["passed"]) == ("30.00 %", "≤ 25.00 %", False)
+    assert (dark["value"], dark["limit"], dark["passed"]) == ("30.00\u00a0%", "≤\u00a025.00\u00a0%",
+                                                              False)
     dice = rows["Registered template brain vs. mask (Dice)"]
-    assert (dice["value"], dice["limit"], dice["passed"]) == ("not measured", "≥ 0.75", False)
+    assert (dice["value"], dice["limit"], dice["passed"]) == ("not measured", "≥\u00a00.75", False)
     assert rows["Template registration error"]["passed"] and rows["Lesions found"]["passed"]
 
 
@@ -165,7 +167,7 @@ def test_report_names_the_model_warns_of_the_demo_and_is_deterministic(report_pa
     assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-4" in text
     assert "aa43fd83ebaf038aa1033f455e37a4c3" in text
     assert "Radiological convention: the subject&#39;s right (R) is on the left" in text
-    assert "Brain voxels at the intensity ceiling</td><td class=\"number\">1.00 %" in text
+    assert "Brain voxels at the intensity ceiling</td><td class=\"number\">1.00\u00a0%" in text
     assert "(20.5, 31, 5.5)" in text and "definite" in text and "possible" in text
     assert "Microbleeds: 2 (band 2-4)" in text
     # Overview, mosaic and one thumbnail per lesion; the command line as the tests' helper strips.
@@ -188,7 +190,8 @@ def summary_rows():
            "n_infratentorial": 0, "strictly_lobar": "no", "total_volume_mm3": 40.0,
            "brain_volume_ml": 1400.0, "mask_fov_edge_fraction": 0.0, "qc_flags": "",
            "status": "ok", "message": ""}
-    return [{**row, "source": "/data/sub-01/anat/sub-01_swi.nii.gz", "report": "sub-01_report.html"},
+    return [{**row, "source": "/data/sub-01/anat/sub-01_swi.nii.gz",
+             "report": "sub-01_report.html"},
             {**row, "subject": "02", "n_cmb": 12, "n_lobar": 12, "n_deep": 0,
              "source": "/data/sub-02/anat/sub-02_swi.nii.gz", "report": "sub-02_report.html"},
             {"subject": "03", "source": "/data/sub-03/anat/sub-03_swi.nii.gz", "status": "failed",
@@ -218,7 +221,8 @@ _OVERFLOW_SCRIPT = """<script>window.addEventListener("load", function () {
     if (e.parentElement.closest(".table-scroll")) return;
     var box = e.getBoundingClientRect();
     if (box.width && (box.right > width + 1 || box.left < -1))
-      out.push(e.tagName + "." + e.className + " " + Math.round(box.left) + "-" + Math.round(box.right));
+      out.push(e.tagName + "." + e.className + " " + Math.round(box.left) + "-"
+               + Math.round(box.right));
   });
   parent.postMessage(JSON.stringify(
     {width: width, scroll: document.documentElement.scrollWidth, out: out}), "*");
@@ -227,13 +231,15 @@ _OVERFLOW_SCRIPT = """<script>window.addEventListener("load", function () {
 _FRAME = """<!DOCTYPE html><html><body style="margin:0"><iframe src="{src}" style="border:0"
 width="{width}" height="900"></iframe><script>window.addEventListener("message", function (e) {{
   document.body.dataset.overflow = e.data; }});</script></body></html>"""
-# Phone, laptop, and A4 paper at 96 dpi.
-WIDTHS = {"phone": 390, "laptop": 1366, "print": 794}
+# Phone, laptop, and A4 paper within Chromium's 1 cm print margins, at 96 dpi.
+WIDTHS = {"phone": 390, "laptop": 1366, "print": 718}
 
 
-def overflow(browser, page, width, folder):
+def overflow(browser, page, width, folder, *, print_rules=False):
+    """print_rules: the page's print styles apply, as when it is printed."""
+    text = page.read_text().replace("</body>", _OVERFLOW_SCRIPT)
     probe = folder / f"{page.stem}-probe.html"
-    probe.write_text(page.read_text().replace("</body>", _OVERFLOW_SCRIPT))
+    probe.write_text(text.replace("@media print", "@media all") if print_rules else text)
     frame = folder / f"{page.stem}-{width}.html"
     frame.write_text(_FRAME.format(src=probe.name, width=width))
     dom = subprocess.run(
@@ -252,6 +258,32 @@ def test_reports_fit_phone_laptop_and_a4_widths_in_chromium(report_page, index_p
         pytest.skip("chromium is not installed: the layout check needs a browser")
     for page in (Path(report_page), index_page):
         for device, width in WIDTHS.items():
-            result = overflow(browser, page, width, tmp_path)
+            result = overflow(browser, page, width, tmp_path, print_rules=device == "print")
             assert result["width"] == width, result  # the window is the viewport asked for
             assert not result["out"] and result["scroll"] <= width, (page.name, device, result)
+
+
+@pytest.mark.parametrize("orientation, right_on_left", [("radiological", True),
+                                                        ("neurological", False)])
+def test_views_put_the_subjects_right_where_the_convention_says(orientation, right_on_left):
+    """The subject's right half (high x on the RAS grid) bright: in radiological views it shows
+    on the viewer's left of the coronal and axial panels."""
+    from cmb_workflow.interfaces.report import _overview_figure
+
+    data = np.zeros((40, 48, 36), np.float32)
+    data[20:] = 1.0  # the subject's right
+    data[:, 24:] += 0.5  # anterior: sagittal views show it on the left either way
+    mask = np.ones(data.shape, bool)
+    box = {"start": [0, 0, 0], "dimensions": list(data.shape)}
+    fig = _overview_figure(data, mask, box, (0.0, 1.5), orientation)
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., 0].astype(float)
+    height = pixels.shape[0]
+    halves = []
+    for ax in fig.axes:
+        extent = ax.get_window_extent()
+        panel = pixels[int(height - extent.y1) + 20:int(height - extent.y0) - 20,
+                       int(extent.x0) + 20:int(extent.x1) - 20]
+        middle = panel.shape[1] // 2
+        halves.append(panel[:, :middle].mean() > panel[:, middle:].mean())
+    assert halves == [True, right_on_left, right_on_left]

@@ -188,13 +188,15 @@ def _scale_bar(ax, fraction):
 
 
 def _format(value, unit: str) -> str:
+    """The value with its unit, joined by a no-break space so that narrow columns keep them
+    together."""
     if value is None:
         return "not measured"
     if value == "":
         return "none"
     if unit == "%":
-        return f"{100 * value:.2f} %"
-    return f"{value} {unit}".strip()
+        return f"{100 * value:.2f}\u00a0%"
+    return f"{value}\u00a0{unit}" if unit else str(value)
 
 
 def qc_rows(qc: dict, limits: dict) -> list[dict]:
@@ -207,8 +209,8 @@ def qc_rows(qc: dict, limits: dict) -> list[dict]:
         elif isinstance(limit, (list, tuple)):
             limit_text = f"{_format(limit[0], meta.unit)} to {_format(limit[1], meta.unit)}"
         else:
-            limit_text = ("≤ " if meta.limit.startswith("max_") else "≥ ") + _format(limit,
-                                                                                    meta.unit)
+            limit_text = ("≤\u00a0" if meta.limit.startswith("max_") else "≥\u00a0") \
+                + _format(limit, meta.unit)
         rows.append({"label": meta.label, "value": _format(qc[key], meta.unit),
                      "limit": limit_text, "passed": metric_passes(key, qc[key], limits),
                      "flag": meta.flag})
