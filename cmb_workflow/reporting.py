@@ -18,7 +18,6 @@ matplotlib.use("Agg")  # no display in pipelines and containers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .demo import demo_model_descriptor  # noqa: E402
 from .imageops import write_text_atomic  # noqa: E402
 from .models import read_descriptor  # noqa: E402
 from .regions import MARS_CLASSES  # noqa: E402
@@ -29,9 +28,10 @@ CLASS_COLOURS = {"lobar": "#1f77b4", "deep": "#d62728", "infratentorial": "#2ca0
 # Microbleed-count bands (lower bounds) of the burden scales clinicians grade with (ARIA-H: 1,
 # 2-4, 5-9, 10 and more); the index and cmb_summary.tsv give each image its band.
 CMB_COUNT_BANDS = ((10, ">=10"), (5, "5-9"), (2, "2-4"), (1, "1"), (0, "0"))
-# How a descriptor says its model must not be used on patients' scans (the bundled demo's
-# description: "DEMO MODEL ... NOT for real scans").
-NOT_CLINICAL_PHRASES = ("demo model", "not for real scans", "not for clinical use")
+# How a descriptor says its model is a demo (the bundled one: "DEMO MODEL ... NOT for real
+# scans"), or that it must not be used on patients' scans.
+DEMO_PHRASE = "demo model"
+NOT_CLINICAL_PHRASES = ("not for real scans", "not for clinical use")
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("cmb_workflow", "templates"),
@@ -72,12 +72,11 @@ def model_summary(descriptor_file) -> dict:
     descriptor = read_descriptor(descriptor_file)
     info = descriptor.info
     description = str(info.get("description", ""))
+    texts = [str(value).lower() for value in info.values() if isinstance(value, str)]
     warning = None
-    if descriptor.json_path == demo_model_descriptor().resolve():
-        warning = ("DEMO MODEL: trained on synthetic phantoms only. These results are not for "
-                   "real scans or clinical use.")
-    elif any(phrase in str(value).lower() for value in info.values() if isinstance(value, str)
-             for phrase in NOT_CLINICAL_PHRASES):
+    if any(DEMO_PHRASE in text for text in texts):
+        warning = "DEMO MODEL: these results are not for real scans or clinical use."
+    elif any(phrase in text for text in texts for phrase in NOT_CLINICAL_PHRASES):
         warning = "The model's descriptor marks it NOT for clinical use: " + description
     return {
         "name": str(info.get("name") or descriptor.json_path.parent.name),
