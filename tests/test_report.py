@@ -167,7 +167,8 @@ def test_report_names_the_model_warns_of_the_demo_and_is_deterministic(report_pa
     assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-4" in text
     assert "aa43fd83ebaf038aa1033f455e37a4c3" in text
     assert "Radiological convention: the subject&#39;s right (R) is on the left" in text
-    assert "Brain voxels at the intensity ceiling</td><td class=\"number\">1.00\u00a0%" in text
+    assert ("Brain voxels at the intensity ceiling</td><td>pass</td><td class=\"number\">1.00\u00a0%"
+            in text)
     assert "(20.5, 31, 5.5)" in text and "definite" in text and "possible" in text
     assert "Microbleeds: 2 (band 2-4)" in text
     # Overview, mosaic and one thumbnail per lesion; the command line as the tests' helper strips.
