@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def run_from_args(args) -> int:
     print(f"Generating {args.n_subjects} phantoms in {phantoms} ...", flush=True)
     make_phantom_dataset(phantoms, args.n_subjects, seed=args.seed)
     config = load_config(overrides={"models": str(demo_model_descriptor())})
-    status = run_study(phantoms, results, config)
+    status = run_study(phantoms, results, config,
+                       command_line=shlex.join(["cmb-workflow", *args.argv]))
     tables = evaluate(phantoms / "derivatives" / "phantom-truth", results,
                       out_tsv=out / "evaluation.tsv")
     print(format_tables(tables))

@@ -22,8 +22,10 @@ REGIONS = {
     "brainstem": "infratentorial", "cerebellum": "infratentorial",
 }
 MARS_CLASSES = ("lobar", "deep", "infratentorial")
+# The lesion's centroid in MNI152 2009 space (mm), through the atlas' registration.
+MNI_COLUMNS = ("x_mni", "y_mni", "z_mni")
 # Columns the lesion table gains.
-REGION_COLUMNS = ("region", "mars_class", "hemisphere")
+REGION_COLUMNS = ("region", "mars_class", "hemisphere", *MNI_COLUMNS)
 LEFT_OFFSET = 100
 ATLAS_FILE = "mars_mni152_2009.nii.gz"
 # A lesion with no atlas voxel (outside the registered atlas' reach).

@@ -164,3 +164,20 @@ def warp_to_subject(template_map: nib.Nifti1Image, reference_file, transforms,
         warped = ants.apply_transforms(_to_ants(ants, reference), _to_ants(ants, template_map),
                                        list(transforms), interpolator=interpolation)
     return nib.Nifti1Image(warped.numpy().astype(np.float32), reference.affine)
+
+
+def to_template(points, transforms) -> np.ndarray:
+    """Scanner RAS points (N x 3, mm) of the registered image in template (MNI) space.
+
+    ITK transforms map points the opposite way to the images they warp, so the template ->
+    subject transforms take subject points to the template, last transform first; ITK's points
+    are LPS.
+    """
+    flip = np.array([-1.0, -1.0, 1.0])
+    points = np.asarray(points, dtype=float).reshape(-1, 3) * flip
+    with _ants() as ants:
+        chain = [ants.read_transform(str(path)) for path in reversed(list(transforms))]
+        moved = list(points)
+        for transform in chain:
+            moved = [transform.apply_to_point(tuple(point)) for point in moved]
+    return np.array(moved, dtype=float).reshape(-1, 3) * flip

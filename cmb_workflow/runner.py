@@ -125,7 +125,7 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
                                                 str(out_dir), str(work_dir),
                                                 execution.predict_plugin_args, command_line))
 
-    rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of)
+    rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of, config.models)
     failed = [row for row in rows if row["status"] != "ok"]
     for row in failed:
         LOGGER.error("%s %s: %s", row["status"].upper(), row["source"], row["message"])

@@ -14,25 +14,28 @@ from . import __version__
 from .execution import unit_name
 from .imageops import write_text_atomic
 from .interfaces.derivatives import report_name
+from .interfaces.qc import QC_METRICS
 from .regions import mars_counts
 
 # Crash files go to the run log only; the terminal gets their one-line reasons.
 CRASH_LOGGER = logging.getLogger("cmb_workflow.crash")
 CRASH_LOGGER.propagate = False
 
+# Microbleed-count bands (lower bounds) of the burden scales clinicians grade with (ARIA-H: 1,
+# 2-4, 5-9, 10 and more); the index and cmb_summary.tsv give each image its band.
+CMB_COUNT_BANDS = ((10, ">=10"), (5, "5-9"), (2, "2-4"), (1, "1"), (0, "0"))
+
 # The brain mask's quality columns come from its sidecar (see interfaces.brainmask.mask_quality).
 MASK_QUALITY_COLUMNS = ("brain_volume_ml", "mask_fov_edge_fraction")
 CLASS_COLUMNS = ("n_lobar", "n_deep", "n_infratentorial", "strictly_lobar")
-SUMMARY_COLUMNS = ("subject", "session", "run", "source", "n_cmb", *CLASS_COLUMNS,
+SUMMARY_COLUMNS = ("subject", "session", "run", "source", "n_cmb", "cmb_band", *CLASS_COLUMNS,
                    "total_volume_mm3", *MASK_QUALITY_COLUMNS, "qc_flags", "status", "message")
 # OUT/qc.tsv: the metrics of interfaces.qc (its JSON keys) for every processed image.
-QC_COLUMNS = ("subject", "session", "run", "source", "brain_volume_ml", "mask_fov_edge_fraction",
-              "brain_outside_crop_fraction", "saturated_fraction", "dark_fraction", "n_clusters",
-              "largest_cluster_mm3", "template_brain_dice", "registration_error", "qc_flags")
+QC_COLUMNS = ("subject", "session", "run", "source", *QC_METRICS, "qc_flags")
 
 
 def write_summary(out_dir: Path, jobs, rejected, crash_dir: Path, prepared: dict,
-                  batch_of: dict[str, str]) -> list[dict]:
+                  batch_of: dict[str, str], model_descriptor) -> list[dict]:
     """cmb_summary.tsv, qc.tsv and index.html of the run; returns the summary rows."""
     rows, qc_rows = summary_rows(jobs, rejected, out_dir, crash_reasons(crash_dir), prepared,
                                  batch_of)
@@ -40,7 +43,7 @@ def write_summary(out_dir: Path, jobs, rejected, crash_dir: Path, prepared: dict
     write_tsv(out_dir / "qc.tsv", qc_rows, QC_COLUMNS)
     from .reporting import write_index
 
-    write_index(out_dir, rows, SUMMARY_COLUMNS)
+    write_index(out_dir, rows, SUMMARY_COLUMNS, model_descriptor)
     return rows
 
 
@@ -73,6 +76,11 @@ def _package_metadata(key: str) -> str | None:
     except metadata.PackageNotFoundError:
         return None
     return value if value and value != "UNKNOWN" else None
+
+
+def cmb_count_band(n: int) -> str:
+    """'0', '1', '2-4', '5-9' or '>=10' microbleeds."""
+    return next(band for lowest, band in CMB_COUNT_BANDS if int(n) >= lowest)
 
 
 def crash_reasons(crash_dir: Path) -> dict[str, str]:
@@ -121,6 +129,7 @@ def summary_rows(jobs, rejected, out_dir: Path, reasons: dict[str, str], prepare
             with open(table, newline="") as handle:
                 lesions = list(csv.DictReader(handle, delimiter="\t"))
             row["n_cmb"] = len(lesions)
+            row["cmb_band"] = cmb_count_band(len(lesions))
             row.update(mars_counts(lesions))
             row["total_volume_mm3"] = round(sum(float(r["volume_mm3"]) for r in lesions), 2)
             sidecar = out_dir / f"{job.relative_prefix}_desc-brain_mask.json"

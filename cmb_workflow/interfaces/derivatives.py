@@ -7,8 +7,8 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, Sim
                                     TraitedSpec, traits)
 
 from ..imageops import copy_atomic, remove_stale_temporaries, write_text_atomic
-from ..regions import MARS_CLASSES, REGION_COLUMNS, REGIONS
-from .lesions import LESION_COLUMNS
+from ..regions import MARS_CLASSES, MNI_COLUMNS, REGION_COLUMNS, REGIONS
+from .lesions import DEFINITE_MIN_PROB, LESION_COLUMNS
 
 LESION_SIDECAR = {
     "label": {"Description": "Lesion number; equals the voxel value in the desc-cmb_dseg map"},
@@ -18,6 +18,9 @@ LESION_SIDECAR = {
     "volume_mm3": {"Description": "Lesion volume on the 1 mm analysis grid", "Units": "mm^3"},
     "max_prob": {"Description": "Highest ensemble probability inside the lesion"},
     "mean_prob": {"Description": "Mean ensemble probability inside the lesion"},
+    "confidence": {"Description": "Grade of the lesion from its max_prob", "Levels": {
+        "definite": f"max_prob at least {DEFINITE_MIN_PROB}",
+        "possible": f"max_prob below {DEFINITE_MIN_PROB}"}},
     "region": {"Description": "MARS region covering most of the lesion's voxels (the centroid "
                               "breaks ties), from the bundled atlas registered to the image",
                "Levels": {name: name.replace("_", " ") for name in (*REGIONS, "unknown")}},
@@ -26,6 +29,9 @@ LESION_SIDECAR = {
     "hemisphere": {"Description": "Side of the region", "Levels": {
         "left": "left", "right": "right", "unknown": "no atlas region (registration failed or "
                                                      "the lesion lies outside the atlas)"}},
+    **{column: {"Description": f"Centroid, MNI152 2009 {column[0]} through the template "
+                              "registration (n/a without one)", "Units": "mm"}
+       for column in MNI_COLUMNS},
 }
 
 

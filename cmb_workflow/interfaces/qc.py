@@ -1,6 +1,7 @@
 """Quality-control metrics of one image and the flags they raise (configs/default.yml, qc)."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -27,22 +28,55 @@ class QualityControlOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="JSON: the metrics and qc_flags, a list of flag names")
 
 
+@dataclass(frozen=True)
+class QCMetric:
+    label: str
+    unit: str  # "%": a fraction, shown times 100
+    # Key of the config's qc block: [low, high], max_* (at most) or min_* (at least); None: the
+    # metric passes when empty (an error message).
+    limit: str | None
+    flag: str  # raised when the metric fails
+
+
+# Every metric of qc.json, in the order of its keys: the one description of the QC columns, their
+# limits and flags, for the flags, the report and qc.tsv.
+QC_METRICS = {
+    "brain_volume_ml": QCMetric("Brain volume (native mask)", "mL", "brain_volume_ml",
+                                "brain_volume_out_of_range"),
+    "mask_fov_edge_fraction": QCMetric("Mask surface on the field-of-view edge", "%",
+                                       "max_fov_edge_fraction", "brain_cut_by_fov"),
+    "brain_outside_crop_fraction": QCMetric("Brain outside the model's crop box", "%",
+                                            "max_outside_crop_fraction", "brain_cut_by_crop_box"),
+    "saturated_fraction": QCMetric("Brain voxels at the intensity ceiling", "%",
+                                   "max_saturated_fraction", "unusual_intensity_histogram"),
+    "dark_fraction": QCMetric("Brain voxels below a tenth of the ceiling", "%",
+                              "max_dark_fraction", "unusual_intensity_histogram"),
+    "n_clusters": QCMetric("Lesions found", "", "max_lesions", "many_clusters"),
+    "largest_cluster_mm3": QCMetric("Largest lesion", "mm³", "max_lesion_volume_mm3",
+                                    "very_large_cluster"),
+    "template_brain_dice": QCMetric("Registered template brain vs. mask (Dice)", "",
+                                    "min_template_brain_dice", "registration_failure"),
+    "registration_error": QCMetric("Template registration error", "", None,
+                                   "registration_failure"),
+}
+
+
+def metric_passes(key: str, value, limits: dict) -> bool:
+    limit_key = QC_METRICS[key].limit
+    if limit_key is None:
+        return not value
+    if value is None:  # not measured (no registration): nothing vouches for it
+        return False
+    limit = limits[limit_key]
+    if isinstance(limit, (list, tuple)):
+        return limit[0] <= value <= limit[1]
+    return value <= limit if limit_key.startswith("max_") else value >= limit
+
+
 def quality_flags(metrics: dict, limits: dict) -> list[str]:
-    low, high = limits["brain_volume_ml"]
-    checks = {
-        "brain_volume_out_of_range": not low <= metrics["brain_volume_ml"] <= high,
-        "brain_cut_by_fov": metrics["mask_fov_edge_fraction"] > limits["max_fov_edge_fraction"],
-        "brain_cut_by_crop_box":
-            metrics["brain_outside_crop_fraction"] > limits["max_outside_crop_fraction"],
-        "unusual_intensity_histogram":
-            metrics["saturated_fraction"] > limits["max_saturated_fraction"]
-            or metrics["dark_fraction"] > limits["max_dark_fraction"],
-        "many_clusters": metrics["n_clusters"] > limits["max_lesions"],
-        "very_large_cluster": metrics["largest_cluster_mm3"] > limits["max_lesion_volume_mm3"],
-        "registration_failure": bool(metrics["registration_error"])
-            or (metrics["template_brain_dice"] or 0.0) < limits["min_template_brain_dice"],
-    }
-    return [flag for flag, raised in checks.items() if raised]
+    flags = [meta.flag for key, meta in QC_METRICS.items()
+             if not metric_passes(key, metrics[key], limits)]
+    return list(dict.fromkeys(flags))
 
 
 class QualityControl(SimpleInterface):

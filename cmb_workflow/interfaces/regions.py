@@ -1,5 +1,6 @@
-"""Give every lesion its MARS region: the bundled atlas brought onto the lesion grid with the
-template registration of the brain-mask step (no second registration)."""
+"""Give every lesion its MARS region and MNI coordinates: the bundled atlas brought onto the lesion
+grid, and the lesion's centroid taken to the template, with the template registration of the
+brain-mask step (no second registration)."""
 
 import json
 from pathlib import Path
@@ -9,8 +10,8 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..registration import mni152, warp_to_subject
-from ..regions import UNKNOWN, assign_regions, mars_atlas
+from ..registration import mni152, to_template, warp_to_subject
+from ..regions import MNI_COLUMNS, UNKNOWN, assign_regions, mars_atlas
 
 
 class LesionRegionsInputSpec(BaseInterfaceInputSpec):
@@ -23,7 +24,8 @@ class LesionRegionsInputSpec(BaseInterfaceInputSpec):
 
 
 class LesionRegionsOutputSpec(TraitedSpec):
-    out_table = File(exists=True, desc="the lesion rows with region, mars_class and hemisphere")
+    out_table = File(exists=True, desc="the lesion rows with region, mars_class, hemisphere and "
+                                       "the centroid in MNI space (x_mni, y_mni, z_mni)")
     out_quality = File(exists=True, desc="JSON: registration_error and template_brain_dice, the "
                                          "overlap of the registered template brain and the mask")
 
@@ -55,8 +57,12 @@ class LesionRegions(SimpleInterface):
                                  + inverse[:3, 3]).astype(int)
                 centroids[row["label"]] = np.clip(voxel, 0, np.array(labels.shape) - 1)
             regions = assign_regions(labels, atlas, centroids)
+            mni = to_template([[row["x"], row["y"], row["z"]] for row in rows], transforms)
+            for row, point in zip(rows, mni):
+                regions[row["label"]].update(zip(MNI_COLUMNS, (round(float(v), 1) for v in point)))
         else:
-            regions = {row["label"]: UNKNOWN for row in rows}
+            regions = {row["label"]: {**UNKNOWN, **dict.fromkeys(MNI_COLUMNS, "n/a")}
+                       for row in rows}
         rows = [{**row, **regions[row["label"]]} for row in rows]
         cwd = Path(runtime.cwd)
         (cwd / "lesions_regions.json").write_text(json.dumps(rows, indent=1))

@@ -1,28 +1,34 @@
-"""One image's self-contained HTML report: the input with its brain mask and crop box, every
-lesion zoomed on three planes, the lesion table, QC warnings, model and software versions and
-the command line. WriteDerivatives copies it into OUT."""
+"""One image's self-contained HTML report (templates/report.html): the model, QC metrics against
+their limits, the input with its brain mask and crop box, every lesion zoomed on three planes,
+the lesion table, software versions and the command line. WriteDerivatives copies it into OUT."""
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from matplotlib import patheffects
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
+from scipy import ndimage
 
 from ..imageops import resample
-from ..models import read_descriptor
-from ..regions import REGION_COLUMNS, mars_counts
-from ..reporting import escape, figure_uri, image_tag, page, plt, software_versions, table
-from .lesions import LESION_COLUMNS
+from ..regions import MNI_COLUMNS, mars_counts
+from ..reporting import cmb_count_band, figure_uri, model_summary, plt, render, software_versions
+from .lesions import DEFINITE_MIN_PROB
+from .qc import QC_METRICS, metric_passes
 
 # Thumbnails: half-width of the zoomed window (mm) and how many lesions get one.
 ZOOM_HALF_MM = 16
 MAX_THUMBNAILS = 60
 MOSAIC_SLICES = 12
-# Sub-voxel steps of the outline grid: enough for the outline to run along voxel edges.
+# Sub-voxel steps of the outline grid: enough for the outline to follow voxel edges.
 OUTLINE_STEPS = 8
+# Gap between a lesion's voxels and its outline (voxels): the outline must not cover the dark
+# voxels of a 1-3 voxel wide lesion, which are what the reader judges.
+OUTLINE_GAP = 0.75
+SCALE_BAR_MM = 10
+ORIENTATIONS = ("radiological", "neurological")
 
 
 class SubjectReportInputSpec(BaseInterfaceInputSpec):
@@ -34,9 +40,12 @@ class SubjectReportInputSpec(BaseInterfaceInputSpec):
     labels = File(exists=True, mandatory=True, desc="lesion labels, cropped grid")
     lesion_table = File(exists=True, mandatory=True, desc="JSON lesion rows with regions")
     qc = File(exists=True, mandatory=True, desc="QualityControl's JSON")
+    qc_limits = traits.Dict(mandatory=True, desc="the config's qc block, shown beside each metric")
     model_descriptor = File(exists=True, mandatory=True, desc="model_info*.json used")
     command_line = traits.Str("", usedefault=True, desc="the command that ran the pipeline")
     lesion_rule = traits.Str("", usedefault=True, desc="what made a lesion, for the reader")
+    orientation = traits.Enum(*ORIENTATIONS, usedefault=True,
+                              desc="radiological: the subject's right on the viewer's left")
 
 
 class SubjectReportOutputSpec(TraitedSpec):
@@ -59,16 +68,42 @@ def _planes(volume, index):
 PLANE_NAMES = ("sagittal", "coronal", "axial")
 # Which conformed axes each plane shows (horizontal, vertical).
 PLANE_AXES = ((1, 2), (0, 2), (0, 1))
+# Letters of each plane's horizontal axis, low index first (RAS grid), and of its vertical axis.
+PLANE_LETTERS = {"sagittal": ("PA", "IS"), "coronal": ("LR", "IS"), "axial": ("LR", "PA")}
+_LETTER_STYLE = {"color": "yellow", "fontweight": "bold",
+                 "path_effects": [patheffects.withStroke(linewidth=2, foreground="black")]}
 
 
-def _overview_figure(data, mask, box, window):
+def _orient(ax, plane, orientation, fontsize):
+    """Show the plane as clinical viewers do and letter its edges. Radiological: the subject's
+    right on the viewer's left; sagittal views face left (anterior on the left) either way.
+    Call after the axis limits are final."""
+    (low, high), (bottom, top) = PLANE_LETTERS[plane]
+    if plane == "sagittal" or orientation == "radiological":
+        low, high = high, low
+        ax.set_xlim(sorted(ax.get_xlim(), reverse=True))
+    for text, x, y, ha, va in ((low, 0.02, 0.5, "left", "center"),
+                               (high, 0.98, 0.5, "right", "center"),
+                               (bottom, 0.5, 0.02, "center", "bottom"),
+                               (top, 0.5, 0.98, "center", "top")):
+        ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, fontsize=fontsize,
+                **_LETTER_STYLE)
+
+
+def orientation_note(orientation: str) -> str:
+    side = "left" if orientation == "radiological" else "right"
+    return (f"{orientation.capitalize()} convention: the subject's right (R) is on the {side} of "
+            "axial and coronal views; sagittal views have anterior (A) on the left.")
+
+
+def _overview_figure(data, mask, box, window, orientation):
     """Three planes through the brain's centre: mask outline (cyan), crop box (yellow)."""
     centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int) if mask.any() \
         else np.array(data.shape) // 2
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), dpi=90)
-    for ax, name, image, outline, (h, v) in zip(axes, PLANE_NAMES, _planes(data, centre),
-                                                 _planes(mask.astype(np.uint8), centre),
-                                                 PLANE_AXES):
+    for index, (ax, name, image, outline, (h, v)) in enumerate(zip(
+            axes, PLANE_NAMES, _planes(data, centre), _planes(mask.astype(np.uint8), centre),
+            PLANE_AXES)):
         ax.imshow(image, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
         if outline.any():
             ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.8)
@@ -77,16 +112,15 @@ def _overview_figure(data, mask, box, window):
                                    fill=False, edgecolor="yellow", linestyle="--", linewidth=1.2))
         ax.set_xlim(min(-0.5, start[h] - 2), max(image.shape[1], start[h] + size[h] + 2))
         ax.set_ylim(min(-0.5, start[v] - 2), max(image.shape[0], start[v] + size[v] + 2))
-        ax.set_title(f"{name} (voxel {centre[{'sagittal': 0, 'coronal': 1, 'axial': 2}[name]]})",
-                     fontsize=9)
+        ax.set_title(f"{name} (voxel {centre[index]})", fontsize=9)
         ax.axis("off")
-    fig.suptitle("brain mask (cyan), crop box given to the model (yellow, dashed); "
-                 "right of the subject on the right of axial and coronal views", fontsize=9)
+        _orient(ax, name, orientation, 11)
+    fig.suptitle("brain mask (cyan), crop box given to the model (yellow, dashed)", fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def _mosaic_figure(data, mask, window):
+def _mosaic_figure(data, mask, window, orientation):
     """Axial slices across the brain with the mask outline."""
     slices = np.flatnonzero(mask.any(axis=(0, 1))) if mask.any() else np.arange(data.shape[2])
     picks = np.unique(np.linspace(slices[0], slices[-1], MOSAIC_SLICES + 2).round().astype(int))
@@ -102,11 +136,12 @@ def _mosaic_figure(data, mask, window):
             ax.contour(mask[:, :, k].T.astype(np.uint8), levels=[0.5], colors="cyan",
                        linewidths=0.6)
         ax.set_title(f"axial {k}", fontsize=8)
+        _orient(ax, "axial", orientation, 7)
     fig.tight_layout()
     return fig
 
 
-def _lesion_figure(data, labels, row, index, window):
+def _lesion_figure(data, labels, row, index, window, voxel_mm, orientation):
     """The lesion (red outline) in a 2 x ZOOM_HALF_MM window on three planes."""
     fig, axes = plt.subplots(1, 3, figsize=(6.0, 2.2), dpi=80)
     low = index - ZOOM_HALF_MM
@@ -118,50 +153,87 @@ def _lesion_figure(data, labels, row, index, window):
         lesion = (labels[tuple(where)] == row["label"]).T
         ax.imshow(image, cmap="gray", origin="lower", vmin=window[0], vmax=window[1],
                   interpolation="nearest")
-        _outline_voxels(ax, lesion)
+        _outline_outside(ax, lesion)
+        _scale_bar(ax, SCALE_BAR_MM / voxel_mm[axis_pair[0]] / image.shape[1])
         ax.set_title(name, fontsize=8)
         ax.axis("off")
+        _orient(ax, name, orientation, 7)
     fig.tight_layout()
     return fig
 
 
-def _outline_voxels(ax, mask):
-    """Outline `mask` along its voxels' edges: a fill would hide the dark voxels the reader
-    must judge, and a plain contour runs through voxel centres, so it vanishes around a
-    one-voxel lesion."""
-    padded = np.pad(mask, 1)  # closes the outline where the lesion meets the window's edge
-    fine = np.kron(padded, np.ones((OUTLINE_STEPS, OUTLINE_STEPS)))
-    # Fine-grid centres in voxel coordinates; level 0.5 falls midway, on the voxel edges.
-    rows, columns = ((np.arange(n) + 0.5) / OUTLINE_STEPS - 1.5 for n in fine.shape)
+def _outline_outside(ax, mask):
+    """Outline `mask` OUTLINE_GAP voxels outside its voxels' edges: a fill, or a line on the
+    edges, would hide the dark voxels the reader must judge."""
+    if not mask.any():
+        return
+    pad = int(np.ceil(OUTLINE_GAP)) + 1  # room for the outline where the lesion meets the edge
+    fine = np.kron(np.pad(mask, pad), np.ones((OUTLINE_STEPS, OUTLINE_STEPS), bool))
+    distance = ndimage.distance_transform_edt(~fine) / OUTLINE_STEPS  # voxels from the lesion
+    # Fine-grid centres in voxel coordinates (voxel centres are integers).
+    rows, columns = ((np.arange(n) + 0.5) / OUTLINE_STEPS - 0.5 - pad for n in fine.shape)
     limits = ax.get_xlim(), ax.get_ylim()
-    ax.contour(columns, rows, fine, levels=[0.5], colors="red", linewidths=0.8)
+    ax.contour(columns, rows, distance, levels=[OUTLINE_GAP], colors="red", linewidths=1.0)
     ax.set_xlim(*limits[0])
     ax.set_ylim(*limits[1])
 
 
-def _lesion_caption(row) -> str:
-    side = "" if row["hemisphere"] == "unknown" else f"{row['hemisphere']} "
-    return (f"<b>#{row['label']}</b> {escape(side + row['region'].replace('_', ' '))} "
-            f"({escape(row['mars_class'])}) · {row['volume_mm3']} mm³ · max p "
-            f"{row['max_prob']} · mean p {row['mean_prob']}")
+def _scale_bar(ax, fraction):
+    """A SCALE_BAR_MM bar, `fraction` of the panel's width, in its lower right corner."""
+    right, height = 0.95, 0.07
+    ax.plot([right - fraction, right], [height, height], transform=ax.transAxes, color="white",
+            linewidth=2, solid_capstyle="butt")
+    ax.text(right - fraction / 2, height + 0.02, f"{SCALE_BAR_MM} mm", transform=ax.transAxes,
+            ha="center", va="bottom", fontsize=6, color="white")
 
 
-def _qc_section(qc: dict) -> str:
-    flags = qc["qc_flags"]
-    box = (f'<div class="warn"><b>QC warnings:</b> {escape(", ".join(flags))}</div>' if flags
-           else '<div class="ok">No QC warning.</div>')
-    metrics = [{"metric": key, "value": value} for key, value in qc.items() if key != "qc_flags"]
-    return "<h2>Quality control</h2>" + box + table(["metric", "value"], metrics)
+def _format(value, unit: str) -> str:
+    """The value with its unit, joined by a no-break space so that narrow columns keep them
+    together."""
+    if value is None:
+        return "not measured"
+    if value == "":
+        return "none"
+    if unit == "%":
+        return f"{100 * value:.2f}\u00a0%"
+    return f"{value}\u00a0{unit}" if unit else str(value)
 
 
-def _model_section(descriptor_file) -> str:
-    descriptor = read_descriptor(descriptor_file)
-    files = [{"file": os.path.relpath(f.path, descriptor.json_path.parent),
-              "md5 (descriptor)": f.md5 or "none"} for f in descriptor.files]
-    return (f"<h2>Model</h2><p>{escape(descriptor.json_path)}, version "
-            f"{escape(descriptor.version or 'unknown')}, modalities "
-            f"{escape(', '.join(descriptor.modalities))}</p>" + table(["file", "md5 (descriptor)"],
-                                                                     files))
+def qc_rows(qc: dict, limits: dict) -> list[dict]:
+    """Each QC metric with its label, value and limit in its unit, and whether it passed."""
+    rows = []
+    for key, meta in QC_METRICS.items():
+        limit = limits.get(meta.limit) if meta.limit else None
+        if meta.limit is None:
+            limit_text = "none"
+        elif isinstance(limit, (list, tuple)):
+            limit_text = f"{_format(limit[0], meta.unit)} to {_format(limit[1], meta.unit)}"
+        else:
+            limit_text = ("≤\u00a0" if meta.limit.startswith("max_") else "≥\u00a0") \
+                + _format(limit, meta.unit)
+        rows.append({"label": meta.label, "value": _format(qc[key], meta.unit),
+                     "limit": limit_text, "passed": metric_passes(key, qc[key], limits),
+                     "flag": meta.flag})
+    return rows
+
+
+def _triple(row, columns) -> str:
+    values = [row[column] for column in columns]
+    return "n/a" if "n/a" in values else "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def lesion_rows(rows: list[dict]) -> list[dict]:
+    """The lesion table as the report shows it: region with its side, both coordinates."""
+    return [{**row, "place": (f"{row['hemisphere']} " if row["hemisphere"] != "unknown" else "")
+             + row["region"].replace("_", " "),
+             "scanner": _triple(row, ("x", "y", "z")), "mni": _triple(row, MNI_COLUMNS)}
+            for row in rows]
+
+
+LESION_TABLE = {"label": "#", "confidence": "confidence", "place": "region",
+                "mars_class": "MARS class", "volume_mm3": "volume (mm³)", "max_prob": "max p",
+                "mean_prob": "mean p", "scanner": "scanner RAS x, y, z (mm)",
+                "mni": "MNI x, y, z (mm)"}
 
 
 class SubjectReport(SimpleInterface):
@@ -171,47 +243,40 @@ class SubjectReport(SimpleInterface):
     def _run_interface(self, runtime):
         conformed = nib.load(self.inputs.conformed)
         data = conformed.get_fdata(dtype=np.float32)
+        voxel_mm = conformed.header.get_zooms()[:3]
         mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
         box = json.loads(Path(self.inputs.box).read_text())
-        rows = json.loads(Path(self.inputs.lesion_table).read_text())
+        rows = lesion_rows(json.loads(Path(self.inputs.lesion_table).read_text()))
         qc = json.loads(Path(self.inputs.qc).read_text())
+        orientation = self.inputs.orientation
         window = _window(data, mask)
         labels = np.asarray(resample(nib.load(self.inputs.labels), data.shape, conformed.affine,
                                      "nearest").dataobj).astype(np.int32)
         inverse = np.linalg.inv(conformed.affine)
-
-        parts = [f"<p>Input: {escape(self.inputs.source_file)}</p>", _qc_section(qc)]
-        parts.append("<h2>Input, brain mask and crop box</h2>"
-                     + image_tag(figure_uri(_overview_figure(data, mask, box, window)),
-                                 "input with brain mask and crop box")
-                     + image_tag(figure_uri(_mosaic_figure(data, mask, window)),
-                                 "axial slices with brain mask"))
-        counts = mars_counts(rows)
-        parts.append(f"<h2>Microbleeds: {len(rows)}</h2><p>lobar {counts['n_lobar']}, deep "
-                     f"{counts['n_deep']}, infratentorial {counts['n_infratentorial']}; strictly "
-                     f"lobar (Boston v2.0): {counts['strictly_lobar']}. Coordinates are scanner "
-                     "RAS mm; regions from the MARS atlas registered to the image."
-                     + (f" Lesions: {escape(self.inputs.lesion_rule)}." if self.inputs.lesion_rule
-                        else "") + "</p>")
-        parts.append(table([*LESION_COLUMNS, *REGION_COLUMNS], rows))
         thumbnails = []
         for row in rows[:MAX_THUMBNAILS]:
             index = np.round(inverse[:3, :3] @ [row["x"], row["y"], row["z"]]
                              + inverse[:3, 3]).astype(int)
-            figure = image_tag(figure_uri(_lesion_figure(data, labels, row, index, window)),
-                               "lesion %d" % row["label"])
-            thumbnails.append(f"<figure>{figure}<figcaption>{_lesion_caption(row)}</figcaption>"
-                              "</figure>")
-        if len(rows) > MAX_THUMBNAILS:
-            thumbnails.append(f"<p>{len(rows) - MAX_THUMBNAILS} smaller lesions not shown.</p>")
-        parts.append('<div class="lesions">' + "".join(thumbnails) + "</div>")
-        parts.append(_model_section(self.inputs.model_descriptor))
-        versions = [{"software": name, "version": version}
-                    for name, version in software_versions().items()]
-        parts.append("<h2>Software</h2>" + table(["software", "version"], versions))
-        parts.append(f"<h2>Command line</h2><pre>{escape(self.inputs.command_line)}</pre>")
+            figure = _lesion_figure(data, labels, row, index, window, voxel_mm, orientation)
+            thumbnails.append({**row, "uri": figure_uri(figure)})
 
+        html = render(
+            "report.html", title=f"cmb-workflow report: {self.inputs.title}",
+            model=model_summary(self.inputs.model_descriptor),
+            source_file=self.inputs.source_file,
+            qc={"flags": qc["qc_flags"], "rows": qc_rows(qc, self.inputs.qc_limits)},
+            orientation_note=orientation_note(orientation),
+            overview=figure_uri(_overview_figure(data, mask, box, window, orientation)),
+            mosaic=figure_uri(_mosaic_figure(data, mask, window, orientation)),
+            lesions=rows, band=cmb_count_band(len(rows)), counts=mars_counts(rows),
+            definite_min_prob=DEFINITE_MIN_PROB, lesion_rule=self.inputs.lesion_rule,
+            lesion_columns=list(LESION_TABLE), lesion_headers=LESION_TABLE,
+            lesion_numbers=("label", "volume_mm3", "max_prob", "mean_prob"),
+            thumbnails=thumbnails, hidden=max(len(rows) - MAX_THUMBNAILS, 0),
+            versions=[{"software": name, "version": version}
+                      for name, version in software_versions().items()],
+            command_line=self.inputs.command_line)
         out_file = Path(runtime.cwd) / "report.html"
-        out_file.write_text(page(f"cmb-workflow report: {self.inputs.title}", "".join(parts)))
+        out_file.write_text(html)
         self._results["out_file"] = str(out_file)
         return runtime

@@ -88,7 +88,8 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
         title=Path(job.relative_prefix).name, source_file=str(job.source),
         conformed=prepared["conformed"], brain_mask=prepared["brain_mask"], box=prepared["box"],
         model_descriptor=str(config.models), command_line=command_line,
-        lesion_rule=_lesion_rule(config)), name="report")
+        lesion_rule=_lesion_rule(config), qc_limits=config.as_dict()["qc"],
+        orientation=config.report.orientation), name="report")
 
     workflow.connect([
         (inputnode, lesions, [("probability", "in_file")]),
