@@ -16,11 +16,11 @@ from cmb_workflow.demo import demo_model_descriptor
 from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.interfaces.qc import QC_METRICS, quality_flags
 from cmb_workflow.interfaces.report import SubjectReport, qc_rows
-from cmb_workflow.configs import defaults
+from cmb_workflow.configs import load_config
 from cmb_workflow.reporting import cmb_count_band, model_summary, write_index
 from cmb_workflow.summary import QC_COLUMNS, SUMMARY_COLUMNS
 
-LIMITS = defaults()["qc"]
+LIMITS = load_config().as_dict()["qc"]
 GOOD_QC = {"brain_volume_ml": 1400.0, "mask_fov_edge_fraction": 0.0,
            "brain_outside_crop_fraction": 0.0, "saturated_fraction": 0.01, "dark_fraction": 0.02,
            "n_clusters": 1, "largest_cluster_mm3": 6.0, "template_brain_dice": 0.9,

@@ -64,7 +64,7 @@ class QCLimits:
     """Quality control: an image outside a limit gets the flag named in brackets in the
     qc_flags column of cmb_summary.tsv and qc.tsv (it is still processed)."""
 
-    brain_volume_ml: tuple = setting((800.0, 2200.0), "[brain_volume_out_of_range] native brain "
+    brain_volume_ml: tuple = setting((800, 2200), "[brain_volume_out_of_range] native brain "
                                      "mask volume, mL", kind="range", minimum=0)
     max_fov_edge_fraction: float = setting(0.02, "[brain_cut_by_fov] share of the mask's surface "
                                            "on the field of view's edge", minimum=0, maximum=1)
@@ -75,7 +75,7 @@ class QCLimits:
     max_dark_fraction: float = setting(0.25, "[unusual_intensity_histogram] brain voxels below a "
                                        "tenth of the ceiling", minimum=0, maximum=1)
     max_lesions: int = setting(50, "[many_clusters] lesions per image", minimum=0)
-    max_lesion_volume_mm3: float = setting(1000.0, "[very_large_cluster] largest lesion, mm^3 "
+    max_lesion_volume_mm3: float = setting(1000, "[very_large_cluster] largest lesion, mm^3 "
                                            "(a 10 mm microbleed is about 520)", minimum=0)
     min_template_brain_dice: float = setting(0.75, "[registration_failure] registered template "
                                              "brain vs the brain mask", minimum=0, maximum=1)
@@ -295,14 +295,13 @@ def _check(name: str, value, meta: dict, source: str):
                 _is_number(v) and v >= (meta["minimum"] or 0) for v in value) \
                 or value[0] > value[1]:
             raise refuse("[low, high], two numbers with low <= high")
-        return tuple(float(v) for v in value)
+        return tuple(value)
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             raise refuse("a whole number" + _bounds(meta))
     elif kind == "float":
         if not _is_number(value):
             raise refuse("a number" + _bounds(meta))
-        value = float(value)
     low, high = meta["minimum"], meta["maximum"]
     if (low is not None and (value < low or (meta["exclusive_minimum"] and value == low))) or \
             (high is not None and value > high):
