@@ -52,6 +52,12 @@ def _add_run_parser(subparsers) -> None:
                         help="installed model name or model_info*.json of a SHIVA brain-mask "
                              "model for --brain-mask auto")
     parser.add_argument("--echo", type=int, help="echo of multi-echo data to use (default 1)")
+    parser.add_argument("--preprocessing", choices=["shivai", "cmb-workflow-1"],
+                        help="how images are prepared for the model (default: as its descriptor "
+                             "says; SHIVA models: shivai, the authors' pipeline)")
+    parser.add_argument("--save-model-input", action="store_true", default=None,
+                        help="also write the exact array given to the model and its mask "
+                             "(desc-modelinput), to check what the model saw")
     parser.add_argument("--allow-unverified-models", action="store_true", default=None,
                         help="load model files whose md5 does not match their descriptor. Model "
                              "files execute code: only for files you trust")
@@ -65,7 +71,8 @@ def _run(args) -> int:
     overrides = {key: getattr(args, key) for key in (
         "models", "work_dir", "plugin", "nprocs", "threshold", "min_peak_probability",
         "participant_label", "session_label", "input_type", "masks_dir", "brain_mask",
-        "brain_mask_model", "echo", "allow_unverified_models")}
+        "brain_mask_model", "echo", "allow_unverified_models", "preprocessing",
+        "save_model_input")}
     config = load_config(args.config, overrides)
     if not config.models:
         from .demo import demo_model_descriptor

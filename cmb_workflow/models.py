@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .preprocessing import CONVENTIONS
+
 LOGGER = logging.getLogger("cmb_workflow.models")
 
 # The modalities this tool can feed a model; the SHIVA CMB models serve SWI and T2*-GRE alike.
@@ -50,6 +52,8 @@ class ModelDescriptor:
     info: dict = field(compare=False, hash=False)
     # The lesion detection threshold the model was validated with, when its descriptor gives one.
     min_peak_probability: float | None = None
+    # How its inputs were prepared (preprocessing.CONVENTIONS); SHIVA releases say nothing: shivai.
+    preprocessing: str = "shivai"
 
 
 def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescriptor:
@@ -88,8 +92,13 @@ def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescript
     min_peak = info.get("min_peak_probability")
     if min_peak is not None and not is_probability(min_peak):
         raise ModelError(f"{json_path}: min_peak_probability {min_peak!r} is not a probability")
+    preprocessing = info.get("preprocessing", "shivai")
+    if preprocessing not in CONVENTIONS:
+        raise ModelError(f"{json_path}: preprocessing {preprocessing!r} is not one of "
+                         f"{', '.join(CONVENTIONS)}")
     return ModelDescriptor(json_path, target, modalities, str(info.get("version", "")),
-                           tuple(files), info, None if min_peak is None else float(min_peak))
+                           tuple(files), info, None if min_peak is None else float(min_peak),
+                           preprocessing)
 
 
 def is_probability(value) -> bool:
@@ -256,13 +265,17 @@ class Ensemble:
         self.descriptor = descriptor
         self.folds = folds
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """batch: (N, X, Y, Z, 1) float32 in [0, 1] -> (N, X, Y, Z) mean probability."""
+    def predict(self, batch: np.ndarray, floor: float = 0.0) -> np.ndarray:
+        """batch: (N, X, Y, Z, 1) float32 in [0, 1] -> (N, X, Y, Z) mean probability; each
+        fold's probabilities below `floor` count as 0 (SHiVAi's 0.001)."""
         total = np.zeros(batch.shape[:4], dtype=np.float64)
         for fold in self.folds:
             # One image at a time bounds memory; the folds see exactly the same input.
             for index in range(batch.shape[0]):
-                total[index] += np.asarray(fold(batch[index:index + 1]), dtype=np.float64)[0, ..., 0]
+                probability = np.asarray(fold(batch[index:index + 1]), dtype=np.float32)[0, ..., 0]
+                if floor:
+                    probability = np.where(probability < floor, np.float32(0), probability)
+                total[index] += probability
         return (total / len(self.folds)).astype(np.float32)
 
 

@@ -14,6 +14,7 @@ from .configs import ConfigError, Settings, save_settings
 from .execution import (Execution, Interrupted, RunLock, configure_nipype, raise_on_signals,
                         stop_children)
 from .models import read_descriptor, verify
+from .preprocessing import MASK_INPUT
 from .registry import model_provenance
 from .summary import write_dataset_description, write_summary
 
@@ -31,7 +32,7 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
     descriptor = read_descriptor(config.models)
     # Refuse a tampered model here, once, before any subject starts.
     verify(descriptor, allow_unverified=config.allow_unverified_models)
-    config = with_model_detection_threshold(config, descriptor)
+    config = with_model_defaults(config, descriptor)
     models = [model_provenance(descriptor)]
     if config.brain_mask_model:
         brain_mask_descriptor = read_descriptor(config.brain_mask_model,
@@ -62,11 +63,16 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
         restore_signals()
 
 
-def with_model_detection_threshold(config: Settings, descriptor) -> Settings:
-    """min_peak_probability resolved: unset, the model descriptor's own, else none (0)."""
-    if config.min_peak_probability is not None:
-        return config
-    return config.replace(min_peak_probability=descriptor.min_peak_probability or 0.0)
+def with_model_defaults(config: Settings, descriptor) -> Settings:
+    """The settings left unset that the model decides: min_peak_probability (the descriptor's
+    own, else none: 0), preprocessing (the descriptor's), mask_input (the preprocessing's)."""
+    min_peak = config.min_peak_probability
+    preprocessing = config.preprocessing or descriptor.preprocessing
+    mask_input = config.mask_input
+    return config.replace(
+        min_peak_probability=descriptor.min_peak_probability or 0.0 if min_peak is None
+        else min_peak, preprocessing=preprocessing,
+        mask_input=MASK_INPUT[preprocessing] if mask_input is None else mask_input)
 
 
 def check_folders(in_dir: Path, out_dir: Path, work_dir: Path) -> None:

@@ -27,9 +27,13 @@ import numpy as np
 from scipy import ndimage
 
 from .configs import Settings
+from .preprocessing import MASK_INPUT
 
 LOGGER = logging.getLogger("cmb_workflow.training")
 
+# The demo model's inputs are prepared as this project first did (preprocessing.py); its
+# descriptor says so, so that `run` feeds it the same.
+DEMO_CONVENTION = "cmb-workflow-1"
 TRAIN_SEED = 20261124
 PATCH_SIZE = 48
 # Truth brain masks grown by up to this many voxels: the automatic mask is never exact.
@@ -96,8 +100,7 @@ def prepare_subject(seed: int, config: Settings, scratch: Path):
     from .imageops import save_atomic
     from .interfaces.brainmask import supplied_mask
     from .interfaces.conform import Conform
-    from .interfaces.crop import crop_start, extract_box
-    from .interfaces.normalize import normalize
+    from .preprocessing import box_affine, crop_start, extract_box, normalize
     from .synthetic import make_phantom
 
     rng = np.random.default_rng(seed)
@@ -110,24 +113,24 @@ def prepare_subject(seed: int, config: Settings, scratch: Path):
     os.chdir(folder)  # Nipype interfaces write into the working directory.
     try:
         conformed = Conform(in_file=str(folder / "image.nii.gz"),
+                            convention=DEMO_CONVENTION,
                             interpolation=config.interpolation).run().outputs.out_file
     finally:
         os.chdir(cwd)
     img = nib.load(conformed)
-    mask = supplied_mask(str(folder / "mask.nii.gz"), img)
+    mask = supplied_mask(str(folder / "mask.nii.gz"), img, DEMO_CONVENTION)
     growth = int(rng.integers(0, MAX_MASK_GROWTH + 1))
     if growth:
         mask = ndimage.binary_dilation(mask, iterations=growth)
     dimensions = np.asarray(config.final_dimensions)
-    start = crop_start(mask, dimensions, config.top_margin)
+    start = crop_start(mask, dimensions, config.top_margin, DEMO_CONVENTION)
     data = extract_box(np.asarray(img.dataobj, np.float32), start, dimensions)
     crop_mask = extract_box(mask, start, dimensions)
     data = normalize(data, crop_mask, config.normalization, config.percentile,
                      config.clip_max)
-    if config.mask_input:
+    if MASK_INPUT[DEMO_CONVENTION]:
         data = data * crop_mask
-    affine = img.affine.copy()
-    affine[:3, 3] = img.affine[:3, :3] @ start + img.affine[:3, 3]
+    affine = box_affine(img.affine, start)
     target = lesion_target(phantom.lesions, affine, dimensions)
     iron = phantom.iron_load(affine, dimensions)
     return data.astype(np.float16), crop_mask, target, iron.astype(np.float16)
@@ -343,7 +346,7 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 40, batch
                     f"{len(recipes)} 3D U-Nets ({levels} levels, {base_filters} base filters) "
                     "trained on phantom patches by `cmb-workflow train-demo`.",
         training=f"cmb-workflow train-demo --seed {seed} (see training.json)",
-        min_peak_probability=DEMO_MIN_PEAK_PROBABILITY)
+        min_peak_probability=DEMO_MIN_PEAK_PROBABILITY, preprocessing=DEMO_CONVENTION)
 
 
 def add_arguments(parser) -> None:

@@ -8,7 +8,7 @@ import pytest
 from cmb_workflow.configs import ConfigError, load_config
 from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.models import ModelError, read_descriptor
-from cmb_workflow.runner import with_model_detection_threshold
+from cmb_workflow.runner import with_model_defaults
 
 
 def probability_with_two_blobs():
@@ -45,10 +45,10 @@ def test_unset_min_peak_takes_the_models_own_and_a_setting_overrides_it(tmp_path
     without = read_descriptor(write_descriptor(tmp_path))
 
     assert with_peak.min_peak_probability == 0.85 and without.min_peak_probability is None
-    assert with_model_detection_threshold(load_config(), with_peak).min_peak_probability == 0.85
-    assert with_model_detection_threshold(load_config(), without).min_peak_probability == 0.0
+    assert with_model_defaults(load_config(), with_peak).min_peak_probability == 0.85
+    assert with_model_defaults(load_config(), without).min_peak_probability == 0.0
     chosen = load_config(overrides={"min_peak_probability": 0.5})
-    assert with_model_detection_threshold(chosen, with_peak).min_peak_probability == 0.5
+    assert with_model_defaults(chosen, with_peak).min_peak_probability == 0.5
 
 
 @pytest.mark.parametrize("value", [1.5, "high", True])

@@ -3,11 +3,12 @@
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import grid_affine
+from helpers import grid_affine, make_head
 
 from cmb_workflow.imageops import ImageError, conformed_grid, load_volume, resample
-from cmb_workflow.interfaces.crop import crop_start, extract_box
-from cmb_workflow.interfaces.normalize import normalize
+from cmb_workflow.interfaces.lesions import label_lesions
+from cmb_workflow.preprocessing import (clean_mask, conform, correct_affine, crop_start, deface,
+                                        extract_box, mask_onto_grid, normalize)
 
 
 @pytest.mark.parametrize("axcodes,rotation", [("RAS", (0, 0, 0)), ("LPS", (12, -5, 7)),
@@ -29,13 +30,13 @@ def test_conformed_grid_is_1mm_ras_and_keeps_world_positions(axcodes, rotation):
 def test_crop_is_centred_on_the_mask_and_moved_up_for_necks():
     mask = np.zeros((200, 240, 260), bool)
     mask[40:160, 30:210, 20:250] = True  # a mask reaching far down (neck)
-    start = crop_start(mask, (160, 214, 176), top_margin=5)
+    start = crop_start(mask, (160, 214, 176), 5, "cmb-workflow-1")
     assert start[0] == 100 - 80 and start[1] == 120 - 107
     # The top slice (249) plus a 5-voxel margin stays inside the box.
     assert start[2] + 176 - 1 >= 249 + 5
     small = np.zeros((200, 240, 260), bool)
     small[60:140, 60:180, 60:140] = True
-    assert crop_start(small, (160, 214, 176), 5)[2] == 100 - 88
+    assert crop_start(small, (160, 214, 176), 5, "cmb-workflow-1")[2] == 100 - 88
 
 
 def test_box_leaving_the_image_is_filled_with_zeros():
@@ -79,3 +80,144 @@ def test_load_volume_takes_the_requested_echo_and_refuses_bad_shapes(tmp_path):
     junk.write_bytes(b"not a nifti")
     with pytest.raises(ImageError, match="junk.nii.gz: cannot be read"):
         load_volume(junk)
+
+
+# SHiVAi's conventions (preprocessing.py, docs/shivai.md), each with a hand-computed answer.
+
+def test_shivai_conform_keeps_an_oblique_anisotropic_scans_rotation_and_centre():
+    shape = (64, 60, 20)
+    affine = grid_affine((0.8, 0.8, 3.0), shape, rotation_deg=(6, -4, 9))
+    # A linear ramp along world x: cubic splines reproduce it exactly inside the image.
+    ijk = np.indices(shape).reshape(3, -1)
+    world_x = (affine[:3, :3] @ ijk + affine[:3, 3:4])[0].reshape(shape)
+    out = conform(nib.Nifti1Image(world_x.astype(np.float32) + 1000, affine), "shivai")
+    assert out.shape == (256, 256, 256)
+    rotation = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    np.testing.assert_allclose(out.affine[:3, :3], rotation, atol=1e-9)  # tilted, 1 mm
+    # nibabel's rescale_affine: the input's centre voxel (shape - 1) // 2 is the output's 127.
+    centre = affine[:3, :3] @ ((np.array(shape) - 1) // 2) + affine[:3, 3]
+    np.testing.assert_allclose(out.affine[:3, :3] @ [127, 127, 127] + out.affine[:3, 3], centre,
+                               atol=1e-9)
+    inside = (124, 130, 128)
+    expected = out.affine[0, :3] @ inside + out.affine[0, 3] + 1000
+    assert np.asarray(out.dataobj)[inside] == pytest.approx(expected, abs=1e-2)
+    assert out.get_data_dtype() == np.float32
+
+
+def test_shivai_conform_copies_a_scan_that_is_already_1mm():
+    shape = (40, 50, 30)
+    affine = grid_affine((1.0, 1.0, 1.0), shape, axcodes="LPS")
+    data = np.random.default_rng(1).uniform(0, 500, shape).astype(np.float32)
+    out = conform(nib.Nifti1Image(data, affine), "shivai")
+    # LPS -> RAS flips x and y; the reoriented centre voxel (19, 24, 14) lands on 127, so the
+    # reoriented voxel 0 on 127 - (19, 24, 14): a pure copy.
+    copied = np.asarray(out.dataobj)[108:148, 103:153, 113:143]
+    np.testing.assert_array_equal(copied, data[::-1, ::-1, :])
+    # Outside the field of view: the input's minimum, as SHiVAi clamps to the input's range.
+    outside = np.ones(out.shape, bool)
+    outside[108:148, 103:153, 113:143] = False
+    assert np.all(np.asarray(out.dataobj)[outside] == data.min())
+
+
+def test_shivai_affine_check_straightens_a_slightly_skewed_affine_and_refuses_a_sheared_one():
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    affine[0, 1] = 1e-4  # deviation 1e-4: projected onto the nearest rotation
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), affine)
+    straight = correct_affine(img, "x.nii").affine
+    unit = straight[:3, :3] / np.linalg.norm(straight[:3, :3], axis=0)
+    np.testing.assert_allclose(unit @ unit.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(straight[:3, :3], axis=0), [1, 1, 2], atol=1e-9)
+    affine[0, 1] = 0.1
+    with pytest.raises(ImageError, match="x.nii: the affine's voxel axes are not perpendicular"):
+        correct_affine(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), affine), "x.nii")
+
+
+def test_shivai_mask_is_nearest_neighbour_then_strictly_above_one_half():
+    reference = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4))
+    values = np.zeros((4, 4, 4), np.float32)
+    values[1, 1, 1], values[2, 2, 2] = 0.5, 0.51
+    coarse = nib.Nifti1Image(values, np.diag([2.0, 2.0, 2.0, 1.0]))
+    mask = mask_onto_grid(coarse, reference, "shivai")
+    # Voxel (4, 4, 4) of the 1 mm grid is at 4 mm: nearest coarse voxel (2, 2, 2). Voxels 3..5
+    # round to it (half-way 3 and 5 round to the even 2 and 2, as scipy does).
+    assert mask[4, 4, 4] and not mask[2, 2, 2]
+    assert not mask_onto_grid(coarse, reference, "shivai")[2, 2, 2]  # 0.5 is not above 0.5
+
+
+def test_shivai_mask_cleaning_drops_small_far_parts_only():
+    values = np.zeros((60, 60, 60), np.float32)
+    values[10:30, 10:30, 10:30] = 1  # the brain: 8000 voxels
+    values[40:44, 40:44, 40:44] = 1  # 64 voxels (<= 100 mm³), far away: dropped
+    values[33:35, 10:12, 10:12] = 1  # 8 voxels, within 5 voxels of the brain: kept
+    values[10:12, 34:36, 10:12] = 1  # 8 voxels, half of them 6 voxels away: that half dropped
+    mask = clean_mask(values, (1.0, 1.0, 1.0))
+    assert mask.sum() == 8000 + 8 + 4
+    assert mask[10, 34, 10] and not mask[10, 35, 10]
+    # One part, however small, stays: the rule applies only between parts.
+    single = np.zeros((20, 20, 20), np.float32)
+    single[5:8, 5:8, 5:8] = 0.9
+    assert clean_mask(single, (1.0, 1.0, 1.0)).sum() == 27
+
+
+@pytest.mark.parametrize("convention, top, expected_start_z", [
+    # centre of mass z = ceil((lo + top) / 2); box start = centre - 88; end = start + 176.
+    ("shivai", 200, 112 - 88),              # 200 < end 200? end = 24 + 176 = 200 <= top: moved
+    ("shivai", 199, 112 - 88),              # top 199 inside the box (end exclusive): kept
+    ("cmb-workflow-1", 199, 199 + 5 - 175),  # fewer than 5 voxels above: moved to keep 5
+])
+def test_crop_box_moves_up_only_when_the_mask_top_leaves_it(convention, top, expected_start_z):
+    mask = np.zeros((200, 240, 300), bool)
+    mask[60:140, 60:180, 24:top + 1] = True
+    centre_z = int(np.ceil((24 + top) / 2))
+    start = crop_start(mask, (160, 214, 176), 5, convention)
+    if convention == "shivai" and top == 200:
+        # end = centre_z - 88 + 176 = 200 <= top 200: moved so that it ends at top + 5.
+        assert centre_z - 88 + 176 == 200
+        assert start[2] == 200 + 5 - 176
+    else:
+        assert start[2] == expected_start_z if convention != "shivai" else centre_z - 88
+
+
+def test_crop_box_starting_below_a_neck_heavy_grid_is_moved_and_zero_padded():
+    # The field of view starts at the chin: the box starts below the grid and must still move.
+    mask = np.zeros((180, 220, 120), bool)
+    mask[40:140, 20:200, 0:110] = True
+    start = crop_start(mask, (160, 214, 176), 5, "shivai")
+    # centre z = ceil(54.5) = 55, start -33, end 143 > 120 (grid end): the top (109) is inside
+    # the grid's end, so SHiVAi does not move it.
+    assert list(start) == [90 - 80, 110 - 107, 55 - 88]
+    data = np.arange(np.prod(mask.shape), dtype=np.float32).reshape(mask.shape)
+    box = extract_box(data, start, (160, 214, 176))
+    np.testing.assert_array_equal(box[:, :, 33:33 + 120], data[10:170, 3:217, :])
+    assert not box[:, :, :33].any() and not box[:, :, 153:].any()
+    tall = np.zeros((180, 220, 400), bool)
+    tall[40:140, 20:200, 0:300] = True  # centre 150, end 238 <= top 299: moved by 299-238+5
+    assert crop_start(tall, (160, 214, 176), 5, "shivai")[2] == 150 - 88 + 299 - 238 + 5
+
+
+def test_defacing_zeroes_the_face_and_keeps_the_brain():
+    shape = (96, 110, 96)
+    affine = grid_affine((2.0, 2.0, 2.0), shape)
+    head, brain = make_head(shape, affine, dtype=np.float32)
+    brain_mask = np.asarray(brain.dataobj) > 0
+    defaced = np.asarray(deface(head, brain_mask).dataobj)
+    original = np.asarray(head.dataobj)
+    assert np.array_equal(defaced[brain_mask], original[brain_mask])
+    removed = (original != 0) & (defaced == 0)
+    assert removed.any()
+    # What is removed lies in front of and below the brain (the face), never above it.
+    ijk = np.argwhere(removed)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    assert world[:, 2].max() < affine[2, 3] + affine[2, 2] * np.argwhere(brain_mask)[:, 2].max()
+    assert np.median(world[:, 1]) > 0  # anterior
+
+
+def test_a_lesion_mostly_outside_the_brain_is_dropped():
+    probability = np.zeros((20, 20, 20), np.float32)
+    probability[2:12, 5, 5] = 0.9   # 10 voxels, 3 outside the brain: dropped
+    probability[2:12, 9, 9] = 0.9   # 10 voxels, 2 outside: kept (SHiVAi: more than 25 %)
+    brain = np.zeros(probability.shape, bool)
+    brain[5:, :, :] = True
+    brain[4, 9, 9] = True
+    _labels, rows = label_lesions(probability, np.eye(4), 0.5, 26, 1, 0.0, brain)
+    assert [row["y"] for row in rows] == [9.0]

@@ -128,14 +128,18 @@ class Settings:
                                            "SHIVA brain-mask model for brain_mask auto",
                                            kind="model", optional=True)
     input_limits: InputLimits = _section(InputLimits)
-    # Preprocessing, as the SHIVA-CMB models were trained
-    interpolation: str = setting("bspline", "conform kernel: bspline (cubic) | welch (windowed "
-                                 "sinc, ~50x slower) | linear",
+    # Preprocessing, as the model was trained
+    preprocessing: str | None = setting(
+        None, "how images are prepared for the model (docs/shivai.md): shivai (the SHIVA models' "
+        "authors' pipeline) | cmb-workflow-1 (the demo model's); None: the model descriptor's "
+        "own, else shivai", kind="str", choices=("shivai", "cmb-workflow-1"), optional=True)
+    interpolation: str = setting("bspline", "cmb-workflow-1's conform kernel: bspline (cubic) | "
+                                 "welch (windowed sinc, ~50x slower) | linear",
                                  choices=("bspline", "welch", "linear"))
     final_dimensions: tuple = setting((160, 214, 176), "the models' input box, voxels",
                                       kind="dimensions")
-    top_margin: int = setting(5, "voxels kept above the mask top when the crop box moves up",
-                              minimum=0)
+    top_margin: int = setting(5, "voxels between the mask top and the crop box's end when the "
+                              "box moves up (shivai: end exclusive, as SHiVAi counts)", minimum=0)
     normalization: str = setting("shivai", "shivai: /p99, clip 1.3, /1.3 | minmax: [brain min, "
                                  "p99] -> [0, 1]", choices=("shivai", "minmax"))
     percentile: float = setting(99.0, "percentile of brain voxels that scales intensities",
@@ -143,9 +147,13 @@ class Settings:
     clip_max: float = setting(1.3, "shivai normalisation: upper clip before rescaling",
                               minimum=0, exclusive_minimum=True)
     # Prediction
-    mask_input: bool = setting(True, "zero the image outside the brain mask before prediction")
+    mask_input: bool | None = setting(None, "zero the image outside the brain mask before "
+                                      "prediction; None: as the preprocessing does (shivai: "
+                                      "no, cmb-workflow-1: yes)", kind="bool", optional=True)
     mask_output: bool = setting(True, "zero the probability outside the brain mask after "
                                 "prediction")
+    save_model_input: bool = setting(False, "also write the array given to the model and its "
+                                     "mask (desc-modelinput), to check what the model saw")
     # Lesions
     threshold: float = setting(0.5, "probability strictly above this is lesion",
                                minimum=0, maximum=1)

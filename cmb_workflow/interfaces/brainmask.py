@@ -10,7 +10,8 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     SimpleInterface, TraitedSpec, isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import ImageError, largest_component, load_volume, resample
+from ..imageops import ImageError, largest_component, load_volume
+from ..preprocessing import CONVENTIONS, MASK_THRESHOLD, clean_mask, mask_onto_grid
 from ..registration import mni152, warp_to_subject
 
 # Grown by this much, the template's mask keeps cortical microbleeds that a registration a
@@ -32,6 +33,9 @@ class BrainMaskInputSpec(BaseInterfaceInputSpec):
     template_transforms = InputMultiObject(File(exists=True),
                                            desc="template -> image transforms (RegisterTemplate)")
     intensity_mask = File(exists=True, desc="RegisterTemplate's intensity-based mask")
+    convention = traits.Enum(*CONVENTIONS, usedefault=True,
+                             desc="how a supplied mask is brought onto the grid, and whether "
+                                  "SHiVAi's small-part rule cleans the mask (preprocessing.py)")
 
 
 class BrainMaskOutputSpec(TraitedSpec):
@@ -47,12 +51,14 @@ class BrainMask(SimpleInterface):
         if self.inputs.method == "template":
             within = np.asarray(nib.load(self.inputs.intensity_mask).dataobj) > 0
             mask = template_mask(self.inputs.in_file, self.inputs.template_transforms, within)
+            if self.inputs.convention == "shivai":
+                mask = clean_mask(mask, nib.affines.voxel_sizes(img.affine))
         elif self.inputs.method == "supplied":
             if not isdefined(self.inputs.supplied_mask):
                 raise ImageError("no brain mask was supplied (brain_mask: supplied needs a "
                                  "*_desc-brain_mask.nii[.gz] beside the image or under "
                                  "--masks-dir)")
-            mask = supplied_mask(self.inputs.supplied_mask, img)
+            mask = supplied_mask(self.inputs.supplied_mask, img, self.inputs.convention)
         else:
             mask = np.ones(img.shape, dtype=bool)
         out_file = Path(runtime.cwd) / "brain_mask.nii.gz"
@@ -102,16 +108,16 @@ def mask_quality(mask: np.ndarray, voxel_sizes) -> dict:
             "mask_fov_edge_fraction": round(float(edge / surface), 4) if surface else 0.0}
 
 
-def supplied_mask(path, reference: nib.Nifti1Image) -> np.ndarray:
-    """A mask on any grid brought onto the reference grid; refused when empty or elsewhere."""
+def supplied_mask(path, reference: nib.Nifti1Image, convention: str) -> np.ndarray:
+    """A mask on any grid (probabilities, or binary at any scale) on the reference grid, brain
+    being 0.5 and above; refused when empty or elsewhere."""
     source = load_volume(path)
-    # Probability masks as well as binary ones (0/1, 0/255): brain is 0.5 and above.
-    inside = np.asarray(source.dataobj) >= 0.5
-    if not inside.any():
+    if not (np.asarray(source.dataobj) >= MASK_THRESHOLD).any():
         raise ImageError(f"{path}: brain mask is empty (no voxel of 0.5 or more)")
-    # Linear then threshold keeps mask edges smooth when coming from a coarser grid.
-    binary = nib.Nifti1Image(inside.astype(np.float32), source.affine)
-    mask = np.asarray(resample(binary, reference.shape, reference.affine, "linear").dataobj) >= 0.5
+    try:
+        mask = mask_onto_grid(source, reference, convention)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from exc
     if not mask.any():
         raise ImageError(f"{path}: brain mask does not overlap the image (it lies elsewhere in "
                          "scanner space)")

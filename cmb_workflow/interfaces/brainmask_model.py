@@ -11,8 +11,7 @@ from scipy import ndimage
 
 from ..imageops import ImageError, largest_component, resample
 from ..models import load_ensemble
-from .crop import crop_start, extract_box
-from .normalize import normalize
+from ..preprocessing import CONVENTIONS, box_affine, crop_start, extract_box, normalize
 
 THRESHOLD = 0.5
 
@@ -26,6 +25,7 @@ class PredictBrainMaskInputSpec(BaseInterfaceInputSpec):
     dimensions = traits.Tuple(traits.Int, traits.Int, traits.Int, mandatory=True,
                               desc="the models' input box in voxels")
     top_margin = traits.Int(5, usedefault=True, desc="as CropToBrain")
+    convention = traits.Enum(*CONVENTIONS, usedefault=True, desc="as CropToBrain")
     normalization = traits.Enum("shivai", "minmax", usedefault=True, desc="as Normalize")
     percentile = traits.Float(99.0, usedefault=True, desc="as Normalize")
     clip_max = traits.Float(1.3, usedefault=True, desc="as Normalize")
@@ -71,11 +71,10 @@ class PredictBrainMask(SimpleInterface):
             raise ImageError(f"{self.inputs.model_descriptor}: the brain-mask model found no "
                              "brain in the image")
 
-        start = crop_start(rough, dimensions, self.inputs.top_margin)
-        box_affine = img.affine.copy()
-        box_affine[:3, 3] = img.affine[:3, :3] @ start + img.affine[:3, 3]
+        start = crop_start(rough, dimensions, self.inputs.top_margin, self.inputs.convention)
         box = scaled(extract_box(data, start, dimensions), extract_box(rough, start, dimensions))
-        mask = ndimage.binary_fill_holes(on_image_grid(ensemble.predict(box)[0], box_affine))
+        mask = ndimage.binary_fill_holes(on_image_grid(ensemble.predict(box)[0],
+                                                       box_affine(img.affine, start)))
 
         out_file = Path(runtime.cwd) / "brain_mask.nii.gz"
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), img.affine), out_file)

@@ -8,20 +8,25 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 
 from ..configs import InputLimits
-from ..imageops import ImageError, conformed_grid, load_volume, resample
+from ..imageops import ImageError, load_volume
+from ..preprocessing import CONVENTIONS, conform
 
 
 class ConformInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="raw SWI or T2*-GRE image (3D, or 4D multi-echo)")
     echo = traits.Int(1, usedefault=True, desc="echo (1-based) taken from a 4D multi-echo image")
+    convention = traits.Enum(*CONVENTIONS, usedefault=True,
+                             desc="the model's preparation (preprocessing.py): shivai, a 256^3 "
+                                  "grid keeping the scan's rotation; cmb-workflow-1, an untilted "
+                                  "grid over the field of view")
     interpolation = traits.Enum("bspline", "welch", "linear", usedefault=True,
-                                desc="bspline: cubic; welch: windowed sinc as the SHIVA models' "
-                                     "authors resample (about 50 times slower here)")
+                                desc="cmb-workflow-1's kernel: bspline (cubic), welch (windowed "
+                                     "sinc, about 50 times slower) or linear")
     limits = traits.Dict(desc="configs.InputLimits as a mapping: images beyond them are refused")
 
 
 class ConformOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="image on a 1 mm RAS grid covering the input field of view")
+    out_file = File(exists=True, desc="image on the convention's 1 mm RAS grid, float32")
 
 
 class Conform(SimpleInterface):
@@ -36,9 +41,8 @@ class Conform(SimpleInterface):
         data = np.nan_to_num(np.asarray(img.dataobj), nan=0.0, posinf=0.0, neginf=0.0)
         if data.max() == data.min():
             raise ImageError(f"{self.inputs.in_file}: image is constant ({data.max()}) or all NaN")
-        img = nib.Nifti1Image(data, img.affine)
-        shape, affine = conformed_grid(img)
-        conformed = resample(img, shape, affine, self.inputs.interpolation, clamp=True)
+        conformed = conform(nib.Nifti1Image(data, img.affine), self.inputs.convention,
+                            source=self.inputs.in_file, interpolation=self.inputs.interpolation)
         out_file = Path(runtime.cwd) / "conformed.nii.gz"
         nib.save(conformed, out_file)
         self._results["out_file"] = str(out_file)

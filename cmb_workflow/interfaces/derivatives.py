@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface,
-                                    TraitedSpec, traits)
+                                    TraitedSpec, isdefined, traits)
 
-from ..imageops import copy_atomic, remove_stale_temporaries, write_text_atomic
+from ..imageops import copy_atomic, remove_stale_temporaries, save_atomic, write_text_atomic
 from ..regions import MARS_CLASSES, MNI_COLUMNS, REGION_COLUMNS, REGIONS
 from .lesions import DEFINITE_MIN_PROB, LESION_COLUMNS
 
@@ -54,6 +56,13 @@ class WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     qc = File(exists=True, mandatory=True, desc="QualityControl's JSON")
     report = File(exists=True, mandatory=True, desc="SubjectReport's HTML")
     settings = traits.Dict(desc="settings recorded in the sidecars (threshold, model, ...)")
+    modality = traits.Str("swi", usedefault=True, desc="the input's suffix (swi, T2starw)")
+    model_input = File(exists=True, desc="the normalised crop (Normalize); given, the array the "
+                                         "model saw is written as desc-modelinput")
+    model_input_mask = File(exists=True, desc="the crop's brain mask")
+    model_input_masked = traits.Bool(False, usedefault=True,
+                                     desc="the model saw the crop multiplied by its brain mask")
+    model_input_description = traits.Dict(desc="how the model input was made, for its sidecar")
 
 
 class WriteDerivativesOutputSpec(TraitedSpec):
@@ -100,6 +109,8 @@ class WriteDerivatives(SimpleInterface):
         write_text_atomic(json.dumps(LESION_SIDECAR, indent=2) + "\n",
                           target("desc-cmb_lesions.json"))
         copy_atomic(self.inputs.qc, target("desc-cmb_qc.json"))
+        if isdefined(self.inputs.model_input):
+            self._write_model_input(target, sources)
         report = root / report_name(self.inputs.relative_prefix)
         remove_stale_temporaries(report)
         copy_atomic(self.inputs.report, report)
@@ -107,3 +118,23 @@ class WriteDerivatives(SimpleInterface):
 
         self._results.update(out_files=written, n_lesions=len(rows))
         return runtime
+
+    def _write_model_input(self, target, sources) -> None:
+        """The array given to the model and its mask, on the model's grid (--save-model-input)."""
+        image = nib.load(self.inputs.model_input)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        mask = np.asarray(nib.load(self.inputs.model_input_mask).dataobj) > 0
+        if self.inputs.model_input_masked:
+            data = data * mask  # as Predict computes it
+        suffix = self.inputs.modality
+        save_atomic(nib.Nifti1Image(data, image.affine),
+                    target(f"desc-modelinput_{suffix}.nii.gz"))
+        save_atomic(nib.Nifti1Image(mask.astype(np.uint8), image.affine),
+                    target("desc-modelinput_mask.nii.gz"))
+        description = {"Sources": sources, "Description":
+                       "The array given to the model, on the model's grid (the crop box of the "
+                       "conformed image), and its brain mask", "MaskApplied":
+                       bool(self.inputs.model_input_masked),
+                       **dict(self.inputs.model_input_description or {})}
+        write_text_atomic(json.dumps(description, indent=2) + "\n",
+                          target(f"desc-modelinput_{suffix}.json"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+                                    isdefined, traits)
 from scipy import ndimage
 
 LESION_COLUMNS = ("label", "x", "y", "z", "volume_mm3", "max_prob", "mean_prob", "confidence")
@@ -16,6 +16,9 @@ LESION_COLUMNS = ("label", "x", "y", "z", "volume_mm3", "max_prob", "mean_prob",
 DEFINITE_MIN_PROB = 0.9
 
 CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+# A lesion with more of its voxels than this outside the brain mask is dropped (SHiVAi's rule;
+# it acts only where the probabilities were not masked by the brain).
+MAX_OUTSIDE_FRACTION = 0.25
 
 
 class LabelLesionsInputSpec(BaseInterfaceInputSpec):
@@ -26,6 +29,8 @@ class LabelLesionsInputSpec(BaseInterfaceInputSpec):
     min_size = traits.Int(1, usedefault=True, desc="smallest lesion kept, in voxels")
     min_peak = traits.Range(0.0, 1.0, 0.0, usedefault=True,
                             desc="lesions whose highest probability is below this are dropped")
+    brain_mask = File(exists=True, desc="brain mask on the probability map's grid: lesions "
+                                        "mostly outside it are dropped")
 
 
 class LabelLesionsOutputSpec(TraitedSpec):
@@ -34,19 +39,25 @@ class LabelLesionsOutputSpec(TraitedSpec):
 
 
 def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
-                  connectivity: int, min_size: int, min_peak: float = 0.0):
+                  connectivity: int, min_size: int, min_peak: float = 0.0,
+                  brain: np.ndarray | None = None):
     """Labels 1..N ordered by descending volume (ties: scan order), and one row per lesion.
 
     A lesion is the voxels above `threshold` connected to each other; min_peak asks more of
     its most confident voxel (a detection threshold), so a faint blob drops out whole instead
-    of shrinking, as a higher `threshold` would make it."""
+    of shrinking, as a higher `threshold` would make it. With a brain mask, a lesion more
+    than MAX_OUTSIDE_FRACTION outside it is dropped."""
     structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
     components, count = ndimage.label(probability > threshold, structure)
     sizes = np.bincount(components.ravel(), minlength=count + 1)
     # In the map's own float32, so a peak written as min_peak counts as reaching it.
     peaks = np.asarray(ndimage.maximum(probability, components, np.arange(1, count + 1)),
                        dtype=probability.dtype).reshape(-1)
-    kept = np.nonzero((sizes[1:] >= min_size) & (peaks >= min_peak))[0] + 1
+    keep = (sizes[1:] >= min_size) & (peaks >= min_peak)
+    if brain is not None:
+        outside = np.bincount(components[~brain], minlength=count + 1)[1:]
+        keep &= outside <= MAX_OUTSIDE_FRACTION * sizes[1:]
+    kept = np.nonzero(keep)[0] + 1
     kept = kept[np.lexsort((kept, -sizes[kept]))]
     lookup = np.zeros(count + 1, dtype=np.int32)
     lookup[kept] = np.arange(1, len(kept) + 1)
@@ -73,14 +84,18 @@ def lesion_confidence(max_prob: float) -> str:
 
 
 class LabelLesions(SimpleInterface):
+    """Threshold the probability map into labelled lesions and tabulate them."""
+
     input_spec = LabelLesionsInputSpec
     output_spec = LabelLesionsOutputSpec
 
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
+        brain = (np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+                 if isdefined(self.inputs.brain_mask) else None)
         labels, rows = label_lesions(np.asarray(img.dataobj, dtype=np.float32), img.affine,
                                      self.inputs.threshold, self.inputs.connectivity,
-                                     self.inputs.min_size, self.inputs.min_peak)
+                                     self.inputs.min_size, self.inputs.min_peak, brain)
         cwd = Path(runtime.cwd)
         nib.save(nib.Nifti1Image(labels, img.affine), cwd / "lesion_labels.nii.gz")
         (cwd / "lesions.json").write_text(json.dumps(rows, indent=1))

@@ -8,6 +8,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     traits)
 
 from ..imageops import ImageError
+from ..preprocessing import normalize
 
 
 class NormalizeInputSpec(BaseInterfaceInputSpec):
@@ -25,23 +26,9 @@ class NormalizeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="intensities in [0, 1], float32")
 
 
-def normalize(data: np.ndarray, mask: np.ndarray, method: str, percentile: float,
-              clip_max: float) -> np.ndarray:
-    data = np.nan_to_num(data.astype(np.float32), nan=0.0)
-    data[data < 0] = 0
-    brain = data[mask]
-    top = np.percentile(brain, percentile) if brain.size else 0.0
-    if method == "shivai":
-        if top <= 0:
-            raise ValueError("brain voxels have no signal (percentile is 0)")
-        return (np.minimum(data / top, clip_max) / clip_max).astype(np.float32)
-    bottom = brain.min() if brain.size else 0.0
-    if top <= bottom:
-        raise ValueError("brain intensities are constant")
-    return np.clip((data - bottom) / (top - bottom), 0.0, 1.0).astype(np.float32)
-
-
 class Normalize(SimpleInterface):
+    """Scale the cropped image's intensities by its brain's percentile."""
+
     input_spec = NormalizeInputSpec
     output_spec = NormalizeOutputSpec
 

@@ -19,6 +19,8 @@ class PredictInputSpec(BaseInterfaceInputSpec):
     allow_unverified = traits.Bool(False, usedefault=True,
                                    desc="load model files whose md5 does not match (unsafe)")
     mask_input = traits.Bool(True, usedefault=True, desc="zero the image outside the brain first")
+    floor = traits.Range(0.0, 1.0, 0.0, usedefault=True,
+                         desc="each fold's probabilities below this count as 0")
     mask_output = traits.Bool(True, usedefault=True,
                               desc="zero the probabilities outside the brain")
 
@@ -48,7 +50,8 @@ class Predict(SimpleInterface):
             mask = np.asarray(nib.load(mask_file).dataobj) > 0
             if self.inputs.mask_input:
                 data = data * mask
-            probability = ensemble.predict(data[np.newaxis, ..., np.newaxis])[0]
+            probability = ensemble.predict(data[np.newaxis, ..., np.newaxis],
+                                           floor=self.inputs.floor)[0]
             if self.inputs.mask_output:
                 probability = probability * mask
             probability = np.clip(probability, 0.0, 1.0).astype(np.float32)

@@ -6,6 +6,7 @@ from nipype.pipeline import engine as pe
 
 from ..configs import Settings
 from ..interfaces.predict import Predict
+from ..preprocessing import PREDICTION_FLOOR
 from .image import init_postprocess_wf, init_preprocess_wf
 
 
@@ -30,6 +31,7 @@ def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, model
                                   model_descriptor=str(config.models),
                                   allow_unverified=config.allow_unverified_models,
                                   mask_input=config.mask_input,
+                                  floor=PREDICTION_FLOOR[config.preprocessing],
                                   mask_output=config.mask_output),
                           name="predict", mem_gb=config.predict_memory_gb)
         if predict_plugin_args:

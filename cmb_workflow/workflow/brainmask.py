@@ -37,6 +37,7 @@ def init_brain_mask_wf(job, config: Settings, *, name: str = "brain_mask") -> pe
             model_descriptor=str(config.brain_mask_model),
             allow_unverified=config.allow_unverified_models,
             dimensions=tuple(config.final_dimensions), top_margin=config.top_margin,
+            convention=config.preprocessing,
             normalization=config.normalization, percentile=config.percentile,
             clip_max=config.clip_max), name="predict_brain_mask",
             mem_gb=config.predict_memory_gb)
@@ -44,7 +45,8 @@ def init_brain_mask_wf(job, config: Settings, *, name: str = "brain_mask") -> pe
                           (predict, outputnode, [("out_file", "out_file")])])
         return workflow
 
-    brain_mask = pe.Node(BrainMask(method=method), name="brain_mask")
+    brain_mask = pe.Node(BrainMask(method=method, convention=config.preprocessing),
+                         name="brain_mask")
     workflow.connect([(inputnode, brain_mask, [("in_file", "in_file")]),
                       (brain_mask, outputnode, [("out_file", "out_file")])])
     if job.mask is not None:

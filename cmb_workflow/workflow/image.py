@@ -4,6 +4,7 @@ preprocessing: conform -> brain mask (and template registration) -> crop -> norm
 post-processing: lesions -> regions -> native -> QC -> derivatives -> report.
 """
 
+import json
 from pathlib import Path
 
 from nipype.interfaces import utility as niu
@@ -12,6 +13,7 @@ from nipype.pipeline import engine as pe
 from ..configs import Settings
 from ..interfaces.conform import Conform
 from ..interfaces.crop import CropToBrain
+from ..interfaces.deface import Deface
 from ..interfaces.derivatives import WriteDerivatives
 from ..interfaces.handoff import Handoff
 from ..interfaces.lesions import LabelLesions
@@ -24,19 +26,24 @@ from .brainmask import init_brain_mask_wf
 
 
 def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -> pe.Workflow:
-    """Workflow for one image up to the models' input; its inputnode is filled from `job`."""
+    """Workflow for one image up to the models' input, prepared as config.preprocessing says
+    (preprocessing.py): conform -> brain mask -> [shivai: deface] -> crop -> normalise ->
+    handoff (the record the prediction graph reads). Its inputnode is filled from `job`."""
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "mask_file"]), name="inputnode")
     inputnode.inputs.in_file = str(job.source)
 
-    conform = pe.Node(Conform(echo=config.echo, interpolation=config.interpolation,
+    convention = config.preprocessing
+    conform = pe.Node(Conform(echo=config.echo, convention=convention,
+                              interpolation=config.interpolation,
                               limits=config.as_dict()["input_limits"]), name="conform")
     brain_mask = init_brain_mask_wf(job, config)
     if job.mask is not None:
         inputnode.inputs.mask_file = str(job.mask)
         workflow.connect(inputnode, "mask_file", brain_mask, "inputnode.supplied_mask")
     crop = pe.Node(CropToBrain(dimensions=tuple(config.final_dimensions),
-                               top_margin=config.top_margin), name="crop")
+                               top_margin=config.top_margin, convention=convention),
+                   name="crop")
     normalize = pe.Node(Normalize(method=config.normalization, percentile=config.percentile,
                                   clip_max=config.clip_max), name="normalize")
     handoff = pe.Node(Handoff(out_file=handoff_file), name="handoff",
@@ -47,7 +54,6 @@ def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -
     workflow.connect([
         (inputnode, conform, [("in_file", "in_file")]),
         (conform, brain_mask, [("out_file", "inputnode.in_file")]),
-        (conform, crop, [("out_file", "in_file")]),
         (brain_mask, crop, [("outputnode.out_file", "mask_file")]),
         (crop, normalize, [("out_file", "in_file"), ("out_mask", "mask_file")]),
         (normalize, handoff, [("out_file", "image")]),
@@ -57,6 +63,13 @@ def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -
                                ("outputnode.template_transforms", "template_transforms"),
                                ("outputnode.registration_error", "registration_error")]),
     ])
+    if convention == "shivai":
+        deface = pe.Node(Deface(), name="deface")
+        workflow.connect([(conform, deface, [("out_file", "in_file")]),
+                          (brain_mask, deface, [("outputnode.out_file", "mask_file")]),
+                          (deface, crop, [("out_file", "in_file")])])
+    else:
+        workflow.connect(conform, "out_file", crop, "in_file")
     return workflow
 
 
@@ -69,7 +82,8 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
     lesions = pe.Node(LabelLesions(threshold=config.threshold,
                                    connectivity=config.connectivity,
                                    min_size=config.min_lesion_size,
-                                   min_peak=config.min_peak_probability), name="lesions")
+                                   min_peak=config.min_peak_probability,
+                                   brain_mask=prepared["mask"]), name="lesions")
     regions = pe.Node(LesionRegions(brain_mask=prepared["mask"],
                                     template_transforms=prepared["template_transforms"],
                                     registration_error=prepared["registration_error"]),
@@ -79,9 +93,14 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
     qc = pe.Node(QualityControl(image=prepared["image"], mask=prepared["mask"],
                                 box=prepared["box"], limits=config.as_dict()["qc"]), name="qc")
     write = pe.Node(WriteDerivatives(out_dir=out_dir, relative_prefix=job.relative_prefix,
-                                     source_file=str(job.source),
+                                     source_file=str(job.source), modality=job.modality,
                                      settings=_recorded_settings(config, model)),
                     name="write_derivatives", run_without_submitting=True)
+    if config.save_model_input:
+        write.inputs.model_input = prepared["image"]
+        write.inputs.model_input_mask = prepared["mask"]
+        write.inputs.model_input_masked = config.mask_input
+        write.inputs.model_input_description = _model_input_description(config, prepared)
     # Outputs are cheap to copy; writing them every run restores a deleted or edited OUT.
     write.overwrite = True
     report = pe.Node(SubjectReport(
@@ -119,8 +138,16 @@ def _lesion_rule(config) -> str:
     return rule
 
 
+def _model_input_description(config: Settings, prepared: dict) -> dict:
+    box = json.loads(Path(prepared["box"]).read_text())
+    return {"Preprocessing": config.preprocessing,
+            "CropStart": box["start"], "CropDimensions": box["dimensions"],
+            "Normalization": {"Method": config.normalization, "Percentile": config.percentile,
+                              "ClipMax": config.clip_max}}
+
+
 def _recorded_settings(config, model: dict) -> dict:
     keys = ("threshold", "connectivity", "min_lesion_size", "min_peak_probability",
-            "normalization", "percentile", "interpolation", "mask_input", "mask_output",
-            "brain_mask", "brain_mask_model")
+            "preprocessing", "normalization", "percentile", "interpolation", "mask_input",
+            "mask_output", "brain_mask", "brain_mask_model")
     return {"Model": model, **{key: getattr(config, key) for key in keys}}

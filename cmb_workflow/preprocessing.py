@@ -1,0 +1,183 @@
+"""The image preparation a model was trained with, step by step, as plain functions (the
+interfaces wrap them; the brain-mask model and the demo's training call them too).
+
+Two conventions, named by a model's descriptor (`preprocessing`):
+
+- ``shivai`` (default): the SHIVA-CMB models' authors' pipeline, SHiVAi 0.5.9, reimplemented
+  from its behaviour (docs/shivai.md): nibabel's conform to a 256³ 1 mm grid that keeps the
+  scan's own rotation, masks by nearest neighbour then SHiVAi's small-cluster rule, Quickshear
+  defacing, SHiVAi's crop box, the model fed the unmasked crop.
+- ``cmb-workflow-1``: this project's first chain, which the demo model was trained with: an
+  untilted 1 mm grid over the whole field of view (SimpleITK), masks by linear interpolation,
+  the box moved up to keep 5 voxels above the brain, the model fed the masked crop.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from nibabel import processing
+from scipy import ndimage
+
+from .imageops import ImageError, conformed_grid, resample
+
+CONVENTIONS = ("shivai", "cmb-workflow-1")
+# What the model is fed, per convention: its input masked by the brain or not, and the floor
+# under which each fold's probability is set to 0 before the folds are averaged.
+MASK_INPUT = {"shivai": False, "cmb-workflow-1": True}
+PREDICTION_FLOOR = {"shivai": 0.001, "cmb-workflow-1": 0.0}
+
+# SHiVAi's conform: a 256³ grid of 1 mm; a scan whose voxels are already 1 mm is copied
+# (order 0) rather than interpolated. Its tolerance is 0; 1e-5 mm absorbs float32 rounding of
+# an oblique affine's column lengths.
+SHIVAI_GRID_SHAPE = (256, 256, 256)
+SHIVAI_VOXEL_SIZE = 1.0
+SHIVAI_COPY_TOLERANCE_MM = 1e-5
+# SHiVAi's affine check: a rotation part this far from orthonormal is projected onto the nearest
+# rotation; from AFFINE_REFUSED_DEVIATION on, SHiVAi would discard the orientation, which would
+# misplace every map this tool writes back to the scan, so the image is refused instead.
+AFFINE_CORRECTED_DEVIATION = 5e-5
+AFFINE_REFUSED_DEVIATION = 0.005
+# SHiVAi's brain-mask cleaning: above 0.5; when the mask has several parts, the parts of at most
+# 100 mm³ are dropped unless they lie within 5 voxels (a box) of a larger part.
+MASK_THRESHOLD = 0.5
+MASK_MIN_PART_MM3 = 100.0
+MASK_PART_REACH_VOXELS = 5
+# Quickshear's distance, in voxels, between its shearing plane and the brain (SHiVAi's default).
+DEFACE_BUFFER = 10
+
+
+def correct_affine(img: nib.Nifti1Image, source) -> nib.Nifti1Image:
+    """The image with its affine's rotation part made orthonormal where it is slightly off (as
+    SHiVAi does, by polar decomposition); refused where it is far off."""
+    rotation, translation = nib.affines.to_matvec(img.affine)
+    sizes = nib.affines.voxel_sizes(img.affine)
+    unit = rotation / sizes
+    deviation = np.abs(unit @ unit.T - np.eye(3)).max()
+    if deviation < AFFINE_CORRECTED_DEVIATION:
+        return img
+    if deviation >= AFFINE_REFUSED_DEVIATION:
+        raise ImageError(f"{source}: the affine's voxel axes are not perpendicular (deviation "
+                         f"{deviation:.4f}); fix the header's sform")
+    left, _singular, right = np.linalg.svd(unit)
+    affine = nib.affines.from_matvec((left @ right) * sizes, translation)
+    return nib.Nifti1Image(np.asarray(img.dataobj), affine)
+
+
+def conform(img: nib.Nifti1Image, convention: str, *, source="", interpolation="bspline"):
+    """The image on its convention's 1 mm RAS grid, float32, within the input's value range.
+
+    img: 3D float32 with finite values (imageops.load_volume, NaN set to 0)."""
+    if convention == "cmb-workflow-1":
+        shape, affine = conformed_grid(img)
+        return resample(img, shape, affine, interpolation, clamp=True)
+    img = correct_affine(img, source)
+    data = np.asarray(img.dataobj)
+    copy = np.allclose(nib.affines.voxel_sizes(img.affine), SHIVAI_VOXEL_SIZE,
+                       rtol=0, atol=SHIVAI_COPY_TOLERANCE_MM)
+    resampled = processing.conform(img, out_shape=SHIVAI_GRID_SHAPE,
+                                   voxel_size=(SHIVAI_VOXEL_SIZE,) * 3, order=0 if copy else 3,
+                                   cval=0.0, orientation="RAS")
+    # Cubic splines overshoot at edges; SHiVAi keeps the input's range.
+    out = np.clip(np.asarray(resampled.dataobj, dtype=np.float32), data.min(), data.max())
+    return nib.Nifti1Image(out, resampled.affine)
+
+
+def mask_onto_grid(mask_img: nib.Nifti1Image, reference: nib.Nifti1Image,
+                   convention: str) -> np.ndarray:
+    """A mask on any grid (probabilities or binary) as a boolean mask on the reference grid."""
+    if convention == "cmb-workflow-1":
+        # Linear then threshold keeps mask edges smooth when coming from a coarser grid.
+        inside = (np.asarray(mask_img.dataobj) >= MASK_THRESHOLD).astype(np.float32)
+        moved = resample(nib.Nifti1Image(inside, mask_img.affine), reference.shape,
+                         reference.affine, "linear")
+        return np.asarray(moved.dataobj) >= MASK_THRESHOLD
+    moved = processing.resample_from_to(mask_img, (reference.shape, reference.affine), order=0)
+    return clean_mask(np.asarray(moved.dataobj), nib.affines.voxel_sizes(reference.affine))
+
+
+def clean_mask(values: np.ndarray, voxel_sizes) -> np.ndarray:
+    """SHiVAi's brain-mask cleaning: values above 0.5; if there are several 26-connected
+    parts, the parts of at most MASK_MIN_PART_MM3 are dropped unless they lie within
+    MASK_PART_REACH_VOXELS (a box) of a larger part."""
+    mask = values > MASK_THRESHOLD
+    parts, count = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(parts.ravel())[1:]
+    large = np.flatnonzero(sizes > MASK_MIN_PART_MM3 / np.prod(voxel_sizes)) + 1
+    if not len(large):
+        raise ImageError(f"no part of the brain mask is larger than {MASK_MIN_PART_MM3:g} mm³")
+    reach = np.isin(parts, large).astype(np.uint8)
+    reach = ndimage.maximum_filter(reach, size=2 * MASK_PART_REACH_VOXELS + 1, mode="constant")
+    return mask & (reach > 0)
+
+
+def deface(img: nib.Nifti1Image, mask: np.ndarray) -> nib.Nifti1Image:
+    """The image with the face sheared off by Quickshear (the library SHiVAi runs)."""
+    from quickshear import quickshear
+
+    mask_img = nib.Nifti1Image(mask.astype(np.float32), img.affine)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        try:
+            defaced = quickshear(img, mask_img, buff=DEFACE_BUFFER)
+        except (IndexError, ValueError) as exc:
+            raise ImageError(f"Quickshear found no shearing plane ({exc})") from exc
+    return nib.Nifti1Image(np.asarray(defaced.dataobj, dtype=np.float32), img.affine)
+
+
+def crop_start(mask: np.ndarray, dimensions, top_margin: int, convention: str) -> np.ndarray:
+    """The box's first voxel (may be negative): centred on the mask's centre of mass rounded
+    up, moved up when a mask reaching into the neck would leave the top of the brain out.
+
+    shivai: moved only when the mask's top lies outside the box (or beyond the grid's end), to
+    end `top_margin` voxels above it, end exclusive; cmb-workflow-1: moved whenever fewer than
+    `top_margin` voxels lie above it, to keep that many."""
+    dimensions = np.asarray(dimensions)
+    centre = np.ceil(ndimage.center_of_mass(mask)).astype(int)
+    start = centre - dimensions // 2
+    top = int(np.nonzero(mask.any(axis=(0, 1)))[0].max())
+    if convention == "cmb-workflow-1":
+        start[2] = max(start[2], top + top_margin - dimensions[2] + 1)
+        return start
+    end = min(start[2] + dimensions[2], mask.shape[2])
+    if end <= top:
+        start[2] += top - end + top_margin
+    return start
+
+
+def extract_box(data: np.ndarray, start, dimensions) -> np.ndarray:
+    """data[start:start+dimensions] with zeros where the box leaves the array."""
+    out = np.zeros(tuple(dimensions), dtype=data.dtype)
+    source, target = [], []
+    for begin, size, length in zip(start, dimensions, data.shape):
+        lo, hi = max(begin, 0), min(begin + size, length)
+        source.append(slice(lo, max(hi, lo)))
+        target.append(slice(lo - begin, max(hi, lo) - begin))
+    out[tuple(target)] = data[tuple(source)]
+    return out
+
+
+def box_affine(affine: np.ndarray, start) -> np.ndarray:
+    """The affine of a box starting at voxel `start`: every voxel keeps its world position."""
+    moved = np.array(affine, dtype=float)
+    moved[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    return moved
+
+
+def normalize(data: np.ndarray, mask: np.ndarray, method: str, percentile: float,
+              clip_max: float) -> np.ndarray:
+    """shivai: divide by the brain's percentile, clip at clip_max, divide by clip_max;
+    minmax: brain minimum to the percentile mapped to [0, 1]. NaN and negatives are 0 first."""
+    data = np.nan_to_num(data.astype(np.float32), nan=0.0)
+    data[data < 0] = 0
+    brain = data[mask]
+    top = np.percentile(brain, percentile) if brain.size else 0.0
+    if method == "shivai":
+        if top <= 0:
+            raise ValueError("brain voxels have no signal (percentile is 0)")
+        return (np.minimum(data / top, clip_max) / clip_max).astype(np.float32)
+    bottom = brain.min() if brain.size else 0.0
+    if top <= bottom:
+        raise ValueError("brain intensities are constant")
+    return np.clip((data - bottom) / (top - bottom), 0.0, 1.0).astype(np.float32)
