@@ -137,7 +137,8 @@ def main() -> int:
         if ours.name.endswith("_mask.nii.gz"):
             continue
         prefix = ours.name.split("_desc-modelinput_")[0]
-        image = next(study.glob(f"**/{prefix}_*.nii*"))
+        image = next(path for path in study.glob(f"**/{prefix}_*.nii*")
+                     if "_desc-" not in path.name)
         mask = next(study.glob(f"**/{prefix}_desc-brain_mask.nii*"))
         started = time.perf_counter()
         chain = subprocess.run([args.shivai_python, "-c", SHIVAI_CHAIN, str(image), str(mask),

@@ -128,7 +128,7 @@ def test_bad_supplied_masks_are_refused_in_one_line_naming_the_file(phantom, tmp
             mask.set_sform(affine, code=1)
         nib.save(mask, path)
     with pytest.raises(ImageError) as error:
-        supplied_mask(path, nib.load(conformed))
+        supplied_mask(path, nib.load(conformed), "shivai")
     message = str(error.value)
     assert match in message and str(path) in message and "\n" not in message
 
@@ -179,7 +179,7 @@ def test_brain_mask_graph_follows_the_settings_and_runs_the_model(brain_mask_mod
     job = ImageJob(image_file, "swi", (("sub", "01"),))
 
     def graph(**settings):
-        return init_brain_mask_wf(job, load_config(overrides=settings))
+        return init_brain_mask_wf(job, load_config(overrides={"preprocessing": "shivai", **settings}))
 
     assert graph().get_node("register_template") is not None
     assert graph(brain_mask="none").get_node("brain_mask").inputs.method == "none"

@@ -169,7 +169,7 @@ def test_a_probability_mask_is_cut_at_one_half(tmp_path):
     values = np.full((10, 10, 10), 0.05, np.float32)
     values[2:8, 2:8, 2:8] = 0.95
     path = save(nib.Nifti1Image(values, affine), tmp_path / "mask.nii.gz")
-    mask = supplied_mask(path, nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), affine))
+    mask = supplied_mask(path, nib.Nifti1Image(np.zeros((10, 10, 10), np.float32), affine), "shivai")
     assert mask.sum() == 6 ** 3
 
 
