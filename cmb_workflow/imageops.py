@@ -1,9 +1,9 @@
 """Image helpers shared by the interfaces: loading, grids, resampling, atomic writes.
 
 World coordinates always come from nibabel's affine (scanner RAS, mm). SimpleITK does the
-interpolation because it is multi-threaded and offers the windowed-sinc kernel the SHIVA
-models were trained with; images are handed to it with geometry derived from that same affine
-so no qform/sform ambiguity creeps in.
+interpolation between grids (multi-threaded; SHiVAi's own conform uses nibabel, see
+preprocessing.py); images are handed to it with geometry derived from that same affine so no
+qform/sform ambiguity creeps in.
 """
 
 from __future__ import annotations
