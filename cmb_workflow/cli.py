@@ -85,39 +85,42 @@ def _run(args) -> int:
                      command_line=shlex.join(["cmb-workflow", *args.argv]))
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands whose module provides add_arguments(parser) and run_from_args(args): name, module,
+# summary. A module is imported only when its command is the one given, so --help stays fast.
+TOOLS = (
+    ("demo", "demo", "generate phantoms, run the whole pipeline on them and evaluate the result"),
+    ("phantoms", "synthetic", "write a BIDS-like dataset of synthetic heads with known microbleeds"),
+    ("evaluate", "evaluate", "lesion-wise metrics (VALDO 5 mm matching) of results against a truth"),
+    ("models", "registry", "list, install (from a release zip or its url) and verify the models"),
+    ("train-demo", "training", "train the demo model (synthetic phantoms only) on CPU from a seed"),
+)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; command: the subcommand given, whose own arguments it then knows."""
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="cmb-workflow",
         description="Cerebral microbleed detection on SWI / T2*-GRE MRI with SHIVA-CMB models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(subparsers)
-    _add_tool_parser(subparsers, "demo", "demo",
-                     "generate phantoms, run the whole pipeline on them and evaluate the result")
-    _add_tool_parser(subparsers, "phantoms", "synthetic",
-                     "write a BIDS-like dataset of synthetic heads with known microbleeds")
-    _add_tool_parser(subparsers, "evaluate", "evaluate",
-                     "lesion-wise metrics (VALDO 5 mm matching) of results against a truth")
-    _add_tool_parser(subparsers, "models", "registry",
-                     "list, install (from a release zip or its url) and verify the models")
-    _add_tool_parser(subparsers, "train-demo", "training",
-                     "train the demo model (synthetic phantoms only) on CPU from a seed")
+    for name, module, summary in TOOLS:
+        tool_parser = subparsers.add_parser(name, help=summary,
+                                            description=summary[0].upper() + summary[1:] + ".")
+        if name == command:
+            tool = importlib.import_module(f".{module}", __package__)
+            tool.add_arguments(tool_parser)
+            tool_parser.set_defaults(handler=tool.run_from_args)
     return parser
 
 
-def _add_tool_parser(subparsers, name: str, module: str, summary: str) -> None:
-    """A subcommand whose module provides add_arguments(parser) and run_from_args(args)."""
-    import importlib
-
-    tool = importlib.import_module(f".{module}", __package__)
-    parser = subparsers.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
-    tool.add_arguments(parser)
-    parser.set_defaults(handler=tool.run_from_args)
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(next((a for a in arguments if not a.startswith("-")), None)) \
+        .parse_args(arguments)
+    args.argv = arguments
     terminal = logging.StreamHandler()
     terminal.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
                                             datefmt="%H:%M:%S"))
