@@ -34,11 +34,18 @@ class ImageError(ValueError):
     """An input image that cannot be processed; the message names the file and the problem."""
 
 
-def load_volume(path, *, echo: int = 1, limits=None) -> nib.Nifti1Image:
+# A qform within this of the sform (mm, and unitless for the rotation part) is the same
+# geometry written with the quaternion's float32 rounding.
+QFORM_AGREEMENT = 1e-3
+
+
+def load_volume(path, *, echo: int = 1, limits=None,
+                prefer_qform: bool = False) -> nib.Nifti1Image:
     """Load a NIfTI as a 3D float32 image; for 4D (multi-echo) images take echo `echo` (1-based).
 
     limits (configs.InputLimits): refuse, before reading the voxels, an image whose field of
-    view, voxel size or voxel count no head needs."""
+    view, voxel size or voxel count no head needs. prefer_qform: use the qform's own numbers
+    where it agrees with the sform (as SHiVAi reads headers; where they disagree, the sform)."""
     path = Path(path)
     try:
         img = nib.load(str(path))
@@ -68,7 +75,12 @@ def load_volume(path, *, echo: int = 1, limits=None) -> nib.Nifti1Image:
     if min(data.shape) < 2:
         raise ImageError(f"{path}: is a single slice {shape}; a 3D volume is needed")
     data = data.astype(np.float32)
-    return nib.Nifti1Image(data, img.affine)
+    affine = img.affine
+    if prefer_qform and int(img.header.get("qform_code", 0)) > 0:
+        qform = img.get_qform()
+        if np.allclose(qform, affine, rtol=0, atol=QFORM_AGREEMENT):
+            affine = qform
+    return nib.Nifti1Image(data, affine)
 
 
 def header_geometry(img, path) -> np.ndarray:

@@ -47,6 +47,15 @@ MASK_PART_REACH_VOXELS = 5
 DEFACE_BUFFER = 10
 
 
+def as_stored(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The image with its affine as a NIfTI header stores it (float32). SHiVAi resamples images
+    it has saved after its affine check, and which samples fall just inside or outside the field
+    of view depends on those roundings."""
+    affine = np.eye(4)
+    affine[:3] = img.affine[:3].astype(np.float32)
+    return nib.Nifti1Image(np.asarray(img.dataobj), affine)
+
+
 def correct_affine(img: nib.Nifti1Image, source) -> nib.Nifti1Image:
     """The image with its affine's rotation part made orthonormal where it is slightly off (as
     SHiVAi does, by polar decomposition); refused where it is far off."""
@@ -71,7 +80,7 @@ def conform(img: nib.Nifti1Image, convention: str, *, source="", interpolation="
     if convention == "cmb-workflow-1":
         shape, affine = conformed_grid(img)
         return resample(img, shape, affine, interpolation, clamp=True)
-    img = correct_affine(img, source)
+    img = as_stored(correct_affine(img, source))
     data = np.asarray(img.dataobj)
     copy = np.allclose(nib.affines.voxel_sizes(img.affine), SHIVAI_VOXEL_SIZE,
                        rtol=0, atol=SHIVAI_COPY_TOLERANCE_MM)
@@ -92,7 +101,8 @@ def mask_onto_grid(mask_img: nib.Nifti1Image, reference: nib.Nifti1Image,
         moved = resample(nib.Nifti1Image(inside, mask_img.affine), reference.shape,
                          reference.affine, "linear")
         return np.asarray(moved.dataobj) >= MASK_THRESHOLD
-    moved = processing.resample_from_to(mask_img, (reference.shape, reference.affine), order=0)
+    moved = processing.resample_from_to(as_stored(mask_img), (reference.shape, reference.affine),
+                                        order=0)
     return clean_mask(np.asarray(moved.dataobj), nib.affines.voxel_sizes(reference.affine))
 
 

@@ -111,7 +111,7 @@ def mask_quality(mask: np.ndarray, voxel_sizes) -> dict:
 def supplied_mask(path, reference: nib.Nifti1Image, convention: str) -> np.ndarray:
     """A mask on any grid (probabilities, or binary at any scale) on the reference grid, brain
     being 0.5 and above; refused when empty or elsewhere."""
-    source = load_volume(path)
+    source = load_volume(path, prefer_qform=convention == "shivai")
     if not (np.asarray(source.dataobj) >= MASK_THRESHOLD).any():
         raise ImageError(f"{path}: brain mask is empty (no voxel of 0.5 or more)")
     try:

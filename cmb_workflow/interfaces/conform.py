@@ -37,7 +37,8 @@ class Conform(SimpleInterface):
 
     def _run_interface(self, runtime):
         limits = InputLimits(**self.inputs.limits) if isdefined(self.inputs.limits) else None
-        img = load_volume(self.inputs.in_file, echo=self.inputs.echo, limits=limits)
+        img = load_volume(self.inputs.in_file, echo=self.inputs.echo, limits=limits,
+                          prefer_qform=self.inputs.convention == "shivai")
         data = np.nan_to_num(np.asarray(img.dataobj), nan=0.0, posinf=0.0, neginf=0.0)
         if data.max() == data.min():
             raise ImageError(f"{self.inputs.in_file}: image is constant ({data.max()}) or all NaN")
