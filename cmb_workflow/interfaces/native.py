@@ -5,11 +5,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec)
 
 from ..imageops import resample
-from ..preprocessing import CONVENTIONS
 from .brainmask import mask_quality
 
 
@@ -19,10 +17,6 @@ class ToNativeInputSpec(BaseInterfaceInputSpec):
     labels = File(exists=True, mandatory=True, desc="lesion labels, cropped grid")
     lesion_table = File(exists=True, mandatory=True, desc="JSON lesion rows (centroids in world mm)")
     brain_mask = File(exists=True, mandatory=True, desc="brain mask on the conformed grid")
-    convention = traits.Enum(*CONVENTIONS, usedefault=True,
-                             desc="shivai: the mask goes back by nearest neighbour, as it came "
-                                  "(linear would lose the voxels on the field of view's edge, "
-                                  "which QC measures); cmb-workflow-1: linear, >= 0.5")
 
 
 class ToNativeOutputSpec(TraitedSpec):
@@ -67,8 +61,7 @@ class ToNative(SimpleInterface):
         labels = native_labels(nib.load(self.inputs.labels), rows, shape, affine)
         nib.save(nib.Nifti1Image(labels, affine), cwd / "labels.nii.gz")
 
-        kernel = "nearest" if self.inputs.convention == "shivai" else "linear"
-        mask = resample(nib.load(self.inputs.brain_mask), shape, affine, kernel)
+        mask = resample(nib.load(self.inputs.brain_mask), shape, affine, "linear")
         mask = (np.asarray(mask.dataobj) >= 0.5).astype(np.uint8)
         nib.save(nib.Nifti1Image(mask, affine), cwd / "brain_mask.nii.gz")
         quality = mask_quality(mask > 0, nib.affines.voxel_sizes(affine))

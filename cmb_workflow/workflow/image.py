@@ -88,8 +88,7 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
                                     template_transforms=prepared["template_transforms"],
                                     registration_error=prepared["registration_error"]),
                       name="regions")
-    to_native = pe.Node(ToNative(reference=str(job.source), brain_mask=prepared["brain_mask"],
-                                 convention=config.preprocessing),
+    to_native = pe.Node(ToNative(reference=str(job.source), brain_mask=prepared["brain_mask"]),
                         name="to_native")
     qc = pe.Node(QualityControl(image=prepared["image"], mask=prepared["mask"],
                                 box=prepared["box"], limits=config.as_dict()["qc"]), name="qc")
