@@ -20,6 +20,9 @@ from cmb_workflow.models import ModelError, read_descriptor
 from cmb_workflow.synthetic import make_phantom, subject_plan
 from cmb_workflow.workflow.brainmask import init_brain_mask_wf
 
+# Whole pipelines, registrations or full-size predictions: the full suite only.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):

@@ -14,6 +14,9 @@ from helpers import (SUBJECTS, grid_affine, make_head, read_tsv, result_digests,
 from cmb_workflow.cli import main
 from cmb_workflow.networks import build_unet, keras_module, save_fold, write_descriptor
 
+# Whole pipelines, registrations or full-size predictions: the full suite only.
+pytestmark = pytest.mark.slow
+
 # Images that must fail alone: subject -> (file that the reason names, words of the reason).
 BAD_SUBJECTS = {
     "04": ("sub-04_swi.nii.gz", "cannot be read as NIfTI"),  # truncated

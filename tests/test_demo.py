@@ -4,11 +4,15 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from cmb_workflow.cli import main
 from cmb_workflow.demo import demo_model_descriptor
 from cmb_workflow.models import read_descriptor, verify
 from cmb_workflow.training import lesion_target
+
+# Whole pipelines, registrations or full-size predictions: the full suite only.
+pytestmark = pytest.mark.slow
 
 
 def test_bundled_demo_model_is_verified_and_labelled_a_demo():

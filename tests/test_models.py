@@ -11,6 +11,9 @@ import pytest
 
 from cmb_workflow.models import ModelError, load_ensemble, md5sum, read_descriptor
 
+# Whole pipelines, registrations or full-size predictions: the full suite only.
+pytestmark = pytest.mark.slow
+
 
 def blob_volume():
     volume = np.full((1, 160, 214, 176, 1), 0.6, np.float32)

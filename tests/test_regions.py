@@ -10,6 +10,9 @@ from cmb_workflow.regions import assign_regions, mars_atlas, mars_counts, region
 from cmb_workflow.registration import intensity_brain_mask, register_template, warp_to_subject
 from cmb_workflow.synthetic import make_phantom
 
+# Whole pipelines, registrations or full-size predictions: the full suite only.
+pytestmark = pytest.mark.slow
+
 
 def test_majority_wins_and_the_centroid_breaks_ties():
     labels = np.zeros((6, 6, 6), np.int32)

@@ -7,9 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import result_digests
 
 from cmb_workflow.cli import main
+
+# Whole pipelines, registrations or full-size predictions: the full suite only.
+pytestmark = pytest.mark.slow
 
 
 def finished_nodes(work):

@@ -2,10 +2,14 @@
 
 import shutil
 
+import pytest
 import yaml
 from helpers import assert_same_results, read_tsv
 
 from cmb_workflow.cli import main
+
+# Whole pipelines, registrations or full-size predictions: the full suite only.
+pytestmark = pytest.mark.slow
 
 
 def slurm_config(path, **slurm):
