@@ -150,8 +150,10 @@ class RunLock:
 
     NAME = ".cmb-workflow.lock"
 
-    def __init__(self, folder: Path):
-        self.path = folder / self.NAME
+    def __init__(self, folder: Path, lock_dir: Path | None = None):
+        """folder: what the lock guards; lock_dir: where its file lies (default: folder)."""
+        self.folder = folder
+        self.path = (lock_dir or folder) / self.NAME
         self.handle = None
 
     def __enter__(self):
@@ -163,7 +165,7 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise RunLockedError(f"{self.path.parent}: in use by {holder}; wait for that run "
+            raise RunLockedError(f"{self.folder}: in use by {holder}; wait for that run "
                                  "to end or stop it (a killed run's lock is released at once)")
         handle.seek(0)
         handle.truncate()

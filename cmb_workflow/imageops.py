@@ -108,7 +108,11 @@ def header_geometry(img, path) -> np.ndarray:
 
 
 def check_size(img, path, limits) -> None:
-    """Refuse a field of view, voxel size or voxel count no head scan has (configs.InputLimits)."""
+    """Refuse a field of view, voxel size or voxel count no head scan has (configs.InputLimits).
+
+    Images of fewer than 3 dimensions are left to load_volume's own message."""
+    if len(img.shape) < 3:
+        return
     shape = np.array(img.shape[:3])
     voxel = nib.affines.voxel_sizes(img.affine)
     fov = shape * voxel

@@ -49,7 +49,9 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
     restore_signals = raise_on_signals()
     try:
         # The workers are stopped before the locks are released.
-        with RunLock(out_dir), RunLock(work_dir) if work_dir != out_dir else nullcontext():
+        # OUT's lock file lies in its logs/, beside the run logs, not among the results.
+        with RunLock(out_dir, out_dir / "logs"), \
+                RunLock(work_dir) if work_dir != out_dir else nullcontext():
             try:
                 return _run_locked(jobs, rejected, out_dir, work_dir, models, config,
                                    command_line)

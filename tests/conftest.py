@@ -11,16 +11,25 @@ from cmb_workflow.cli import main  # noqa: E402
 from cmb_workflow.networks import build_detector_ensemble  # noqa: E402
 
 
+# The whole-pipeline tests check the workflow's mechanics (formats, resume, SLURM, failures) on
+# the untilted grid over the field of view, whose images are a fraction of SHiVAi's 256^3: the
+# shivai preparation is pinned rule by rule in test_preprocessing.py and run end to end in
+# test_shivai_run.py.
+FAST_PREPROCESSING = "cmb-workflow-1"
+
+
 @pytest.fixture(scope="session")
 def h5_models(tmp_path_factory):
-    return build_detector_ensemble(tmp_path_factory.mktemp("models") / "v1", "h5")
+    return build_detector_ensemble(tmp_path_factory.mktemp("models") / "v1", "h5",
+                                   preprocessing=FAST_PREPROCESSING)
 
 
 @pytest.fixture(scope="session")
 def savedmodel_models(tmp_path_factory):
     # v2 releases name files with the model folder's own name first ("SWI-CMB/...").
     root = tmp_path_factory.mktemp("models")
-    return build_detector_ensemble(root / "SWI-CMB", "savedmodel")
+    return build_detector_ensemble(root / "SWI-CMB", "savedmodel",
+                                   preprocessing=FAST_PREPROCESSING)
 
 
 @pytest.fixture(scope="session")

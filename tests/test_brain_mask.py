@@ -229,11 +229,8 @@ def test_run_uses_supplied_masks_the_template_otherwise_and_fails_bad_masks_alon
         assert rows[subject]["brain_volume_ml"] == str(sidecar["brain_volume_ml"])
         # helpers.make_head's brain: an ellipsoid of 62 x 80 x 60 mm radii, about 1.3 L.
         assert 1000 < sidecar["brain_volume_ml"] < 1500
-    # The field of view (168 mm from front to back) cuts the brain (163 mm) a little; SHiVAi's
-    # 256^3 grid drops the last half voxel of the field of view (samples beyond the last voxel
-    # centre are 0), so on the shivai path the mask comes back short of the edge: a known gap
-    # of brain_cut_by_fov there (the cmb-workflow-1 grid measured 0 < fraction).
-    assert 0 <= float(rows["01"]["mask_fov_edge_fraction"]) < 0.05
+    # The field of view (168 mm from front to back) cuts the brain (163 mm) a little.
+    assert 0 < float(rows["01"]["mask_fov_edge_fraction"]) < 0.05
 
 
 def test_a_brain_mask_model_for_another_target_stops_the_run(h5_models, tmp_path, capsys):

@@ -208,7 +208,8 @@ def test_a_failing_prediction_batch_fails_each_of_its_images(tmp_path):
     K = keras_module("h5")
     model = build_unet(K, input_shape=(160, 214, 176, 2), base_filters=2, levels=2)
     models = tmp_path / "models"
-    descriptor = write_descriptor(models, [save_fold(model, models, "fold0", "h5")])
+    descriptor = write_descriptor(models, [save_fold(model, models, "fold0", "h5")],
+                                  preprocessing="cmb-workflow-1")
     shape = (48, 60, 48)
     affine = grid_affine((3.5, 3.5, 3.5), shape)
     for label in ("1", "2"):
