@@ -79,7 +79,7 @@ def test_config_layers_and_unknown_keys(tmp_path):
     ("final_dimensions", [160, 214], "three positive whole numbers"),
     ("nprocs", -1, "a whole number at least 1 or null"),
     ("predict_batch_size", "8", "a whole number at least 1"),
-    ("mask_input", "no", "true or false"),
+    ("mask_input", "no", "true or false or null"),
     ("qc", 5, "a mapping of its settings"),
     ("percentile", 150, "a number above 0 and at most 100"),
     ("threshold", True, "a number at least 0 and at most 1"),

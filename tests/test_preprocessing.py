@@ -93,11 +93,12 @@ def test_shivai_conform_keeps_an_oblique_anisotropic_scans_rotation_and_centre()
     out = conform(nib.Nifti1Image(world_x.astype(np.float32) + 1000, affine), "shivai")
     assert out.shape == (256, 256, 256)
     rotation = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    np.testing.assert_allclose(out.affine[:3, :3], rotation, atol=1e-9)  # tilted, 1 mm
+    # Up to the float32 rounding of a stored affine, as SHiVAi's saved intermediate has it.
+    np.testing.assert_allclose(out.affine[:3, :3], rotation, atol=1e-6)  # tilted, 1 mm
     # nibabel's rescale_affine: the input's centre voxel (shape - 1) // 2 is the output's 127.
     centre = affine[:3, :3] @ ((np.array(shape) - 1) // 2) + affine[:3, 3]
     np.testing.assert_allclose(out.affine[:3, :3] @ [127, 127, 127] + out.affine[:3, 3], centre,
-                               atol=1e-9)
+                               atol=1e-5)
     inside = (124, 130, 128)
     expected = out.affine[0, :3] @ inside + out.affine[0, 3] + 1000
     assert np.asarray(out.dataobj)[inside] == pytest.approx(expected, abs=1e-2)
