@@ -27,6 +27,9 @@ class Execution:
     def __init__(self, config: Settings, job_log_dir: Path, labels: dict):
         self.plugin = config.plugin
         self.sbatch = None
+        self.job_log_dir = job_log_dir
+        # Shared with the progress lines: the run adds the prediction batches' labels later.
+        self.labels = labels
         self.args: dict = {}
         if self.plugin == "MultiProc":
             # forkserver: workers must not inherit a parent that has TensorFlow loaded (fork
@@ -40,7 +43,6 @@ class Execution:
         elif self.plugin in SLURM_PLUGINS:
             self.sbatch = SbatchArgs(config.slurm, job_log_dir)
             prepare_slurm(self.sbatch)
-            job_log_dir.mkdir(parents=True, exist_ok=True)
             self.args = {"sbatch_args": self.sbatch.common}
             if self.plugin == "SLURMGraph":
                 # Otherwise every finished step of a resumed run is a job of its own.
@@ -56,6 +58,8 @@ class Execution:
         return {"sbatch_args": self.sbatch.predict, "overwrite": True}
 
     def run(self, workflow) -> None:
+        if self.sbatch is not None:
+            self.job_log_dir.mkdir(parents=True, exist_ok=True)
         try:
             workflow.run(plugin=self.plugin, plugin_args=self.args)
         except RuntimeError as exc:

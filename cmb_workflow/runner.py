@@ -44,6 +44,9 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
                                  participant_label=config.participant_label,
                                  session_label=config.session_label, echo=config.echo,
                                  masks_dir=config.masks_dir)
+    labels = {job.node_name: job.prefix for job in jobs}
+    # Before OUT exists: a cluster that refuses the jobs leaves nothing behind.
+    execution = Execution(config, out_dir / "logs" / "slurm", labels)
     _make_folder(out_dir)
     _make_folder(work_dir)
     restore_signals = raise_on_signals()
@@ -54,7 +57,7 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
                 RunLock(work_dir) if work_dir != out_dir else nullcontext():
             try:
                 return _run_locked(jobs, rejected, out_dir, work_dir, models, config,
-                                   command_line)
+                                   execution, command_line)
             except Interrupted as stop:
                 stopped = stop_children()
                 LOGGER.error("stopped by %s%s; the work folder %s is kept: run the same command "
@@ -101,9 +104,8 @@ def _make_folder(folder: Path) -> None:
 
 
 def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict],
-                config: Settings, command_line: str) -> int:
-    labels = {job.node_name: job.prefix for job in jobs}
-    execution = Execution(config, out_dir / "logs" / "slurm", labels)
+                config: Settings, execution: Execution, command_line: str) -> int:
+    labels = execution.labels
     write_dataset_description(out_dir, models)
     crash_dir = work_dir / "crash"
     # Handoff records prove that this run (not an earlier one) prepared an image.

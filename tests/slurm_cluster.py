@@ -94,6 +94,9 @@ class OneNodeCluster:
             "EnforcePartLimits=ALL",
             "DefMemPerCPU=500",
             "SchedulerParameters=batch_sched_delay=0",
+            # The tests read finished jobs' fields; a slow machine takes longer than the
+            # default 5 minutes to get there.
+            "MinJobAge=86400",
             f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
             f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
@@ -125,7 +128,7 @@ class OneNodeCluster:
         return {int(job) for job in re.findall(r"_job_complete: JobId=(\d+) done", text)}
 
     def jobs(self) -> dict[int, dict]:
-        """JobId -> scontrol's fields, for the jobs slurmctld still holds (MinJobAge: 5 min)."""
+        """JobId -> scontrol's fields, for the jobs slurmctld still holds (MinJobAge: a day)."""
         listing = subprocess.run(["scontrol", "show", "job", "--oneliner"], env=self.env,
                                  capture_output=True, text=True, check=True).stdout
         jobs = {}
