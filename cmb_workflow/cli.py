@@ -58,6 +58,9 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("--save-model-input", action="store_true", default=None,
                         help="also write the exact array given to the model and its mask "
                              "(desc-modelinput), to check what the model saw")
+    parser.add_argument("--drop-likely-mimics", action="store_true", default=None,
+                        help="remove lesions that look like veins, edges or dark nuclei "
+                             "(mimic_score >= 0.5) from the maps, tables and counts")
     parser.add_argument("--allow-unverified-models", action="store_true", default=None,
                         help="load model files whose md5 does not match their descriptor. Model "
                              "files execute code: only for files you trust")
@@ -72,7 +75,7 @@ def _run(args) -> int:
         "models", "work_dir", "plugin", "nprocs", "threshold", "min_peak_probability",
         "participant_label", "session_label", "input_type", "masks_dir", "brain_mask",
         "brain_mask_model", "echo", "allow_unverified_models", "preprocessing",
-        "save_model_input")}
+        "save_model_input", "drop_likely_mimics")}
     config = load_config(args.config, overrides)
     if not config.models:
         from .demo import demo_model_descriptor

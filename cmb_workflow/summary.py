@@ -28,7 +28,8 @@ CMB_COUNT_BANDS = ((10, ">=10"), (5, "5-9"), (2, "2-4"), (1, "1"), (0, "0"))
 # The brain mask's quality columns come from its sidecar (see interfaces.brainmask.mask_quality).
 MASK_QUALITY_COLUMNS = ("brain_volume_ml", "mask_fov_edge_fraction")
 CLASS_COLUMNS = ("n_lobar", "n_deep", "n_infratentorial", "strictly_lobar")
-SUMMARY_COLUMNS = ("subject", "session", "run", "source", "n_cmb", "cmb_band", *CLASS_COLUMNS,
+SUMMARY_COLUMNS = ("subject", "session", "run", "source", "n_cmb", "n_likely_mimic", "cmb_band",
+                   *CLASS_COLUMNS,
                    "total_volume_mm3", *MASK_QUALITY_COLUMNS, "qc_flags", "status", "message")
 # OUT/qc.tsv: the metrics of interfaces.qc (its JSON keys) for every processed image.
 QC_COLUMNS = ("subject", "session", "run", "source", *QC_METRICS, "qc_flags")
@@ -129,6 +130,7 @@ def summary_rows(jobs, rejected, out_dir: Path, reasons: dict[str, str], prepare
             with open(table, newline="") as handle:
                 lesions = list(csv.DictReader(handle, delimiter="\t"))
             row["n_cmb"] = len(lesions)
+            row["n_likely_mimic"] = sum(lesion["likely_mimic"] == "yes" for lesion in lesions)
             row["cmb_band"] = cmb_count_band(len(lesions))
             row.update(mars_counts(lesions))
             row["total_volume_mm3"] = round(sum(float(r["volume_mm3"]) for r in lesions), 2)

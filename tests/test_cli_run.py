@@ -115,8 +115,13 @@ def test_lesion_regions_qc_and_summary_columns(h5_run):
     rows = read_tsv(out / "sub-01/anat/sub-01_desc-cmb_lesions.tsv")
     assert all(row["mars_class"] in ("lobar", "deep", "infratentorial") for row in rows)
     assert all(row["hemisphere"] in ("left", "right") for row in rows)
+    # The test heads' lesions are round, isolated dark blobs: microbleeds, not mimics.
+    assert all(row["likely_mimic"] == "no" and float(row["mimic_score"]) < 0.5 for row in rows)
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-cmb_lesions.json").read_text())
+    assert set(rows[0]) <= set(sidecar)
     summary = {row["subject"]: row for row in read_tsv(out / "cmb_summary.tsv")}
     ok = summary["01"]
+    assert ok["n_likely_mimic"] == "0"
     assert int(ok["n_lobar"]) + int(ok["n_deep"]) + int(ok["n_infratentorial"]) == 2
     assert ok["strictly_lobar"] in ("yes", "no")
     assert "qc_flags" in ok and summary["04"]["qc_flags"] == ""

@@ -10,6 +10,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, Sim
 
 from ..imageops import copy_atomic, remove_stale_temporaries, save_atomic, write_text_atomic
 from ..regions import MARS_CLASSES, MNI_COLUMNS, REGION_COLUMNS, REGIONS
+from ..mimics import MIMIC_COLUMNS, MIMIC_SIDECAR
 from .lesions import DEFINITE_MIN_PROB, LESION_COLUMNS
 
 LESION_SIDECAR = {
@@ -34,6 +35,7 @@ LESION_SIDECAR = {
     **{column: {"Description": f"Centroid, MNI152 2009 {column[0]} through the template "
                               "registration (n/a without one)", "Units": "mm"}
        for column in MNI_COLUMNS},
+    **MIMIC_SIDECAR,
 }
 
 
@@ -102,7 +104,7 @@ class WriteDerivatives(SimpleInterface):
                           target("desc-cmb_probseg.json"))
 
         rows = json.loads(Path(self.inputs.lesion_table).read_text())
-        columns = (*LESION_COLUMNS, *REGION_COLUMNS)
+        columns = (*LESION_COLUMNS, *REGION_COLUMNS, *MIMIC_COLUMNS)
         lines = ["\t".join(columns)]
         lines += ["\t".join(str(row[column]) for column in columns) for row in rows]
         write_text_atomic("\n".join(lines) + "\n", target("desc-cmb_lesions.tsv"))

@@ -9,12 +9,13 @@ import nibabel as nib
 import numpy as np
 from matplotlib import patheffects
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+                                    isdefined, traits)
 from scipy import ndimage
 
 from ..imageops import resample
 from ..regions import MNI_COLUMNS, mars_counts
 from ..reporting import cmb_count_band, figure_uri, model_summary, plt, render, software_versions
+from ..mimics import LIKELY_MIMIC_MIN_SCORE
 from .lesions import DEFINITE_MIN_PROB
 from .qc import QC_METRICS, metric_passes
 
@@ -40,6 +41,7 @@ class SubjectReportInputSpec(BaseInterfaceInputSpec):
     labels = File(exists=True, mandatory=True, desc="lesion labels, cropped grid")
     lesion_table = File(exists=True, mandatory=True, desc="JSON lesion rows with regions")
     qc = File(exists=True, mandatory=True, desc="QualityControl's JSON")
+    dropped_table = File(exists=True, desc="JSON rows of lesions dropped as likely mimics")
     qc_limits = traits.Dict(mandatory=True, desc="the config's qc block, shown beside each metric")
     model_descriptor = File(exists=True, mandatory=True, desc="model_info*.json used")
     command_line = traits.Str("", usedefault=True, desc="the command that ran the pipeline")
@@ -223,7 +225,9 @@ def _triple(row, columns) -> str:
 
 
 def lesion_rows(rows: list[dict]) -> list[dict]:
-    """The lesion table as the report shows it: region with its side, both coordinates."""
+    """The lesion table as the report shows it: region with its side, both coordinates, the
+    likeliest microbleeds (lowest mimic_score) first."""
+    rows = sorted(rows, key=lambda row: row.get("mimic_score", 0.0))
     return [{**row, "place": (f"{row['hemisphere']} " if row["hemisphere"] != "unknown" else "")
              + row["region"].replace("_", " "),
              "scanner": _triple(row, ("x", "y", "z")), "mni": _triple(row, MNI_COLUMNS)}
@@ -232,8 +236,11 @@ def lesion_rows(rows: list[dict]) -> list[dict]:
 
 LESION_TABLE = {"label": "#", "confidence": "confidence", "place": "region",
                 "mars_class": "MARS class", "volume_mm3": "volume (mm³)", "max_prob": "max p",
-                "mean_prob": "mean p", "scanner": "scanner RAS x, y, z (mm)",
+                "mean_prob": "mean p", "mimic_score": "mimic score",
+                "likely_mimic": "likely mimic", "scanner": "scanner RAS x, y, z (mm)",
                 "mni": "MNI x, y, z (mm)"}
+
+DROPPED_TABLE = ("label", "volume_mm3", "max_prob", "mimic_score", "scanner")
 
 
 class SubjectReport(SimpleInterface):
@@ -248,6 +255,10 @@ class SubjectReport(SimpleInterface):
         box = json.loads(Path(self.inputs.box).read_text())
         rows = lesion_rows(json.loads(Path(self.inputs.lesion_table).read_text()))
         qc = json.loads(Path(self.inputs.qc).read_text())
+        # Dropped before the regions step: no region or MNI columns.
+        dropped = [{**row, "scanner": _triple(row, ("x", "y", "z"))}
+                   for row in json.loads(Path(self.inputs.dropped_table).read_text())] \
+            if isdefined(self.inputs.dropped_table) else []
         orientation = self.inputs.orientation
         window = _window(data, mask)
         labels = np.asarray(resample(nib.load(self.inputs.labels), data.shape, conformed.affine,
@@ -271,7 +282,9 @@ class SubjectReport(SimpleInterface):
             lesions=rows, band=cmb_count_band(len(rows)), counts=mars_counts(rows),
             definite_min_prob=DEFINITE_MIN_PROB, lesion_rule=self.inputs.lesion_rule,
             lesion_columns=list(LESION_TABLE), lesion_headers=LESION_TABLE,
-            lesion_numbers=("label", "volume_mm3", "max_prob", "mean_prob"),
+            lesion_numbers=("label", "volume_mm3", "max_prob", "mean_prob", "mimic_score"),
+            dropped=dropped, dropped_columns=DROPPED_TABLE,
+            likely_mimic_min_score=LIKELY_MIMIC_MIN_SCORE,
             thumbnails=thumbnails, hidden=max(len(rows) - MAX_THUMBNAILS, 0),
             versions=[{"software": name, "version": version}
                       for name, version in software_versions().items()],

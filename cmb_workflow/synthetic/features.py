@@ -234,11 +234,11 @@ def draw_veins(darkness, veins, pose, native, depths, subsamples):
             _darken(darkness, voxels, depth * expit((radius - distances) / edge).mean(axis=1))
 
 
-def draw_lesions(darkness, labels, lesions, native, depths, subsamples):
+def draw_lesions(darkness, labels, lesions, native, depths, subsamples, edge_scale=1.0):
     """Darken each microbleed and write its label: voxels whose centre lies within the radius,
     plus always the voxel holding the centre, so even a 2 mm bleed on 3 mm slices is labelled."""
     for lesion, depth in zip(lesions, depths):
-        radius, edge = lesion.radius_mm, lesion_edge_mm(lesion.radius_mm)
+        radius, edge = lesion.radius_mm, edge_scale * lesion_edge_mm(lesion.radius_mm)
         centre_index = native.world_to_index(lesion.centre[None])
         reach = radius + PROFILE_REACH * edge
         voxels, distances, centre_distances = _near_voxels(centre_index, reach, native, subsamples)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .. import __version__
 from ..imageops import save_atomic, write_text_atomic
@@ -72,6 +73,32 @@ NOISE_FRACTION = (0.02, 0.06)  # Rician sigma over white-matter signal
 INT16_WM_LEVEL = (250.0, 1200.0)
 FLOAT_WM_LEVEL = (0.5, 2000.0)  # log-uniform: float images come in arbitrary units
 
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a phantom looks beyond its modality. Rules and models are checked on a style they
+    were not built around, so a figure never depends on one look of the data."""
+
+    csf_excess_scale: float = 1.0  # CSF's brightness above white matter, scaled
+    grey_white_sign: float = 1.0  # -1 mirrors grey matter's contrast to white matter
+    noise_fraction: tuple[float, float] = NOISE_FRACTION
+    noise_correlation_mm: float = 0.0  # 0: white noise; else Gaussian-coloured at this sigma
+    bias_scale: float = 1.0
+    vein_depth_scale: float = 1.0
+    lesion_edge_scale: float = 1.0  # wider rims: more blooming
+
+
+STYLES = {
+    # The look the demo model was trained on.
+    "standard": Style(),
+    # Flatter CSF, mirrored grey/white contrast, coloured noise, stronger bias, darker veins and
+    # blooming bleeds.
+    "contrast-b": Style(csf_excess_scale=0.4, grey_white_sign=-1.0, noise_fraction=(0.03, 0.08),
+                        noise_correlation_mm=0.8, bias_scale=2.0, vein_depth_scale=1.2,
+                        lesion_edge_scale=1.8),
+}
+
 # One independent random stream per aspect, so fixing e.g. the grid leaves the anatomy as is.
 _STREAMS = ("choices", "pose", "grid", "contrast", "veins", "lesions", "noise")
 
@@ -115,7 +142,15 @@ def _nifti(data, affine):
     return img
 
 
-def _template_image(atlas, contrast: Contrast, rng):
+def _styled(contrast: Contrast, style: Style) -> Contrast:
+    if style == STYLES["standard"]:
+        return contrast  # exactly: the standard phantoms stay byte-identical
+    return replace(contrast, gm=1.0 + style.grey_white_sign * (contrast.gm - 1.0),
+                   csf=1.0 + style.csf_excess_scale * (contrast.csf - 1.0),
+                   vein=tuple(min(0.95, d * style.vein_depth_scale) for d in contrast.vein))
+
+
+def _template_image(atlas, contrast: Contrast, rng, bias_scale: float = 1.0):
     """Noise-free head intensity in template space (white matter = 1) with iron and bias."""
     relative = {"wm": 1.0, **{name: getattr(contrast, name) for name in TISSUES}}
     level = {name: value * rng.uniform(*TISSUE_JITTER) for name, value in relative.items()}
@@ -147,7 +182,8 @@ def _template_image(atlas, contrast: Contrast, rng):
     # Smooth multiplicative bias: a separable exp-quadratic across the head.
     for axis, size in enumerate(image.shape):
         u = (np.arange(size) + atlas.origin[axis] - atlas.brain_centre[axis]) / 100.0
-        log_bias = rng.normal(0, BIAS_LINEAR_SD) * u + rng.normal(0, BIAS_QUADRATIC_SD) * u**2
+        log_bias = bias_scale * (rng.normal(0, BIAS_LINEAR_SD) * u
+                                 + rng.normal(0, BIAS_QUADRATIC_SD) * u**2)
         shape = [-1 if k == axis else 1 for k in range(3)]
         image *= np.exp(log_bias).astype(np.float32).reshape(shape)
     return image
@@ -188,24 +224,32 @@ def _resample(volume, index_to_template, shape, subsamples):
     return total
 
 
-def _add_rician_noise(image, sigma, rng):
-    """|signal + complex Gaussian noise|, in place on a float32 array."""
-    noise = rng.standard_normal(image.shape, dtype=np.float32)
-    noise *= sigma
+def _add_rician_noise(image, sigma, rng, correlation_voxels=None):
+    """|signal + complex Gaussian noise|, in place on a float32 array; with
+    correlation_voxels (per axis), each noise channel is Gaussian-coloured to the same sigma."""
+
+    def channel(out=None):
+        noise = rng.standard_normal(image.shape, dtype=np.float32, out=out)
+        if correlation_voxels is not None:
+            ndimage.gaussian_filter(noise, correlation_voxels, output=noise)
+            noise /= max(float(noise.std()), 1e-12)
+        noise *= sigma
+        return noise
+
+    noise = channel()
     image += noise
     image *= image
-    rng.standard_normal(dtype=np.float32, out=noise)
-    noise *= sigma
+    channel(out=noise)
     noise *= noise
     image += noise
     np.sqrt(image, out=image)
 
 
 def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: int | None = None,
-                 dtype: str | None = None) -> Phantom:
+                 dtype: str | None = None, style: str = "standard") -> Phantom:
     """One synthetic subject, in memory (see Phantom; Phantom.arrays() for training patches).
 
-    Unset options are drawn from the seed; `grid` is a Grid, the label or index of a predefined
+    `style`: a name in STYLES, the look of the image. Unset options are drawn from the seed; `grid` is a Grid, the label or index of a predefined
     grid (GRIDS), or None for a random one. n_cmb is the number requested (0..15 at random if
     None); fewer are made only when the field of view leaves no room for them.
     """
@@ -224,15 +268,19 @@ def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: in
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if n_cmb < 0:
         raise ValueError(f"n_cmb must be >= 0, got {n_cmb}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {tuple(STYLES)}, got {style!r}")
 
     atlas = load_atlas()
-    contrast = CONTRASTS[modality]
+    look = STYLES[style]
+    contrast = _styled(CONTRASTS[modality], look)
     pose = random_pose(streams["pose"], atlas.brain_centre)
     native = place_grid(streams["grid"], spec, pose, atlas)
     index_to_template = _index_to_template(pose, native.affine, atlas)
 
     tissue_subsamples = subsamples_per_axis(native.voxel_size, TISSUE_SAMPLE_MM)
-    image = _resample(_template_image(atlas, contrast, streams["contrast"]), index_to_template,
+    image = _resample(_template_image(atlas, contrast, streams["contrast"], look.bias_scale),
+                      index_to_template,
                       native.shape, tissue_subsamples)
     brain = (_resample(atlas.brain, index_to_template, native.shape, (1, 1, 1))
              >= 0.5).astype(np.uint8)
@@ -245,7 +293,8 @@ def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: in
                feature_subsamples)
     lesions = place_lesions(streams["lesions"], n_cmb, atlas, pose, native)
     draw_lesions(darkness, labels, lesions, native,
-                 streams["lesions"].uniform(*contrast.lesion, len(lesions)), feature_subsamples)
+                 streams["lesions"].uniform(*contrast.lesion, len(lesions)), feature_subsamples,
+                 look.lesion_edge_scale)
     np.subtract(1.0, darkness, out=darkness)
     image *= darkness
     del darkness
@@ -256,7 +305,9 @@ def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: in
     else:
         wm_level = np.exp(noise.uniform(*np.log(FLOAT_WM_LEVEL)))
     image *= wm_level
-    _add_rician_noise(image, wm_level * noise.uniform(*NOISE_FRACTION), noise)
+    correlation = (look.noise_correlation_mm / np.asarray(native.voxel_size)
+                   if look.noise_correlation_mm else None)
+    _add_rician_noise(image, wm_level * noise.uniform(*look.noise_fraction), noise, correlation)
     if dtype == "int16":
         image = np.clip(np.rint(image), 0, np.iinfo(np.int16).max).astype(np.int16)
 
@@ -268,6 +319,7 @@ def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: in
         "fov_cut": spec.fov_cut,
         "dtype": dtype,
         "label": spec.label,
+        "style": style,
     }
     return Phantom(image=_nifti(image, native.affine), cmb_mask=_nifti(labels, native.affine),
                    brain_mask=_nifti(brain, native.affine),
@@ -304,7 +356,7 @@ def _write_json(data, path):
 
 def make_phantom_dataset(out_dir, n_subjects: int, seed: int = 0, *, modalities=MODALITIES,
                          grids=None, n_cmb: int | None = None,
-                         dtype: str | None = None) -> list[dict]:
+                         dtype: str | None = None, style: str = "standard") -> list[dict]:
     """Write a BIDS-like raw dataset of phantoms plus their truth under
     derivatives/phantom-truth; return one dict per subject (ids, counts and written paths).
 
@@ -325,7 +377,7 @@ def make_phantom_dataset(out_dir, n_subjects: int, seed: int = 0, *, modalities=
     for entry in subject_plan(n_subjects, seed, modalities=modalities, grids=grids):
         subject = f"sub-{entry['label']}"
         phantom = make_phantom(entry["seed"], modality=entry["modality"], grid=entry["grid"],
-                               n_cmb=n_cmb, dtype=dtype)
+                               n_cmb=n_cmb, dtype=dtype, style=style)
         source = f"{subject}/anat/{subject}_{phantom.modality}.nii.gz"
         truth_prefix = truth_root / subject / "anat" / subject
         paths = {
@@ -371,12 +423,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", action="append", choices=[g.label for g in GRIDS],
                         help="acquisition grid label; repeat to cycle through several "
                              "(default: all predefined grids)")
+    parser.add_argument("--style", choices=tuple(STYLES), default="standard",
+                        help="appearance: tissue contrasts, noise texture, bias, veins and "
+                             "bleed rims (default: %(default)s)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     modalities = MODALITIES if args.modality == "both" else (args.modality,)
     subjects = make_phantom_dataset(args.output_dir, args.n_subjects, args.seed,
-                                    modalities=modalities, grids=args.grid)
+                                    modalities=modalities, grids=args.grid, style=args.style)
     for subject in subjects:
         print(f"{subject['participant_id']}\t{subject['modality']}\t{subject['grid']}\t"
               f"{subject['n_cmb']} CMB")

@@ -1,7 +1,7 @@
 """Per-image graphs on either side of the batched prediction.
 
 preprocessing: conform -> brain mask (and template registration) -> crop -> normalise -> handoff;
-post-processing: lesions -> regions -> native -> QC -> derivatives -> report.
+post-processing: lesions -> mimic scores -> regions -> native -> QC -> derivatives -> report.
 """
 
 import json
@@ -17,6 +17,7 @@ from ..interfaces.deface import Deface
 from ..interfaces.derivatives import WriteDerivatives
 from ..interfaces.handoff import Handoff
 from ..interfaces.lesions import LabelLesions
+from ..interfaces.mimics import ScoreMimics
 from ..interfaces.native import ToNative
 from ..interfaces.normalize import Normalize
 from ..interfaces.qc import QualityControl
@@ -84,6 +85,8 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
                                    min_size=config.min_lesion_size,
                                    min_peak=config.min_peak_probability,
                                    brain_mask=prepared["mask"]), name="lesions")
+    mimics = pe.Node(ScoreMimics(image=prepared["image"], brain_mask=prepared["mask"],
+                                 drop_likely_mimics=config.drop_likely_mimics), name="mimics")
     regions = pe.Node(LesionRegions(brain_mask=prepared["mask"],
                                     template_transforms=prepared["template_transforms"],
                                     registration_error=prepared["registration_error"]),
@@ -113,8 +116,9 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
     workflow.connect([
         (inputnode, lesions, [("probability", "in_file")]),
         (inputnode, to_native, [("probability", "probability")]),
-        (lesions, regions, [("out_labels", "labels"), ("out_table", "lesion_table")]),
-        (lesions, to_native, [("out_labels", "labels"), ("out_table", "lesion_table")]),
+        (lesions, mimics, [("out_labels", "labels"), ("out_table", "lesion_table")]),
+        (mimics, regions, [("out_labels", "labels"), ("out_table", "lesion_table")]),
+        (mimics, to_native, [("out_labels", "labels"), ("out_table", "lesion_table")]),
         (to_native, write, [("probability", "probability"), ("labels", "labels"),
                             ("brain_mask", "brain_mask"),
                             ("brain_mask_quality", "brain_mask_quality")]),
@@ -122,7 +126,7 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
         (regions, qc, [("out_quality", "registration_quality"), ("out_table", "lesion_table")]),
         (regions, write, [("out_table", "lesion_table")]),
         (qc, write, [("out_file", "qc")]),
-        (lesions, report, [("out_labels", "labels")]),
+        (mimics, report, [("out_labels", "labels"), ("out_dropped", "dropped_table")]),
         (regions, report, [("out_table", "lesion_table")]),
         (qc, report, [("out_file", "qc")]),
         (report, write, [("out_file", "report")]),
@@ -149,5 +153,5 @@ def _model_input_description(config: Settings, prepared: dict) -> dict:
 def _recorded_settings(config, model: dict) -> dict:
     keys = ("threshold", "connectivity", "min_lesion_size", "min_peak_probability",
             "preprocessing", "normalization", "percentile", "interpolation", "mask_input",
-            "mask_output", "brain_mask", "brain_mask_model")
+            "mask_output", "brain_mask", "brain_mask_model", "drop_likely_mimics")
     return {"Model": model, **{key: getattr(config, key) for key in keys}}
