@@ -46,6 +46,11 @@ pipeline had been run with that ``min_peak_probability``: one set of results
 then shows the trade-off between sensitivity and false positives at several
 detection thresholds.
 
+With ``drop_likely_mimics``, each view is scored a second time without the
+predictions whose ``likely_mimic`` column says ``yes`` (views
+``distance_no_mimics`` and ``overlap_no_mimics``), as if the pipeline had
+been run with ``--drop-likely-mimics``.
+
 With ``min_diameter_mm`` > 0, reference lesions smaller than that are
 *excluded*: not counted as misses, and predictions matched to them are neither
 hits nor false positives.  Counted references are matched first, excluded ones
@@ -53,7 +58,8 @@ then take their pick of the predictions left over.
 
 TSV layout (one row per subject, summary or breakdown; ``n/a`` = undefined)
 -----------------------------------------------------------------------------
-view             ``distance`` or ``overlap``
+view             ``distance`` or ``overlap`` (``_no_mimics`` appended: without
+                 the likely mimics)
 scope            ``subject``, ``pooled``, ``median``, ``size`` or ``grid``
 group            subject key (subject rows), ``all`` (pooled, median), size bin
                  such as ``3-5mm`` meaning 3 <= d < 5 mm (size), grid label (grid)
@@ -365,7 +371,18 @@ def _load_truth(key: str, files: dict[str, Path]) -> Truth:
     return Truth(key, "unknown", image.lesions, image.path, image)
 
 
-def _load_result(key: str, tsv: Path, dseg: Path | None, min_peak_probability: float) -> Result:
+def _likely_mimics(path: Path) -> np.ndarray:
+    """The likely_mimic column of a pipeline lesion table, as booleans."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if rows and "likely_mimic" not in rows[0]:
+        raise EvaluationInputError(f"{path}: missing column likely_mimic (needed to drop the "
+                                   "likely mimics)")
+    return np.array([row["likely_mimic"] == "yes" for row in rows], dtype=bool)
+
+
+def _load_result(key: str, tsv: Path, dseg: Path | None, min_peak_probability: float,
+                 drop_likely_mimics: bool = False) -> Result:
     labels, lesions, peaks = _read_results_tsv(tsv, with_peaks=min_peak_probability > 0)
     image = None
     if dseg is not None:
@@ -373,11 +390,15 @@ def _load_result(key: str, tsv: Path, dseg: Path | None, min_peak_probability: f
         image = _read_label_image(dseg, split_binary=False)
         if set(image.ids.tolist()) != set(labels.tolist()):
             warnings.warn(f"{dseg}: its labels differ from those in {tsv}", stacklevel=2)
+    kept = np.ones(len(labels), dtype=bool)
     if min_peak_probability > 0:
-        confident = peaks >= min_peak_probability
-        lesions = _subset(lesions, confident)
+        kept &= peaks >= min_peak_probability
+    if drop_likely_mimics:
+        kept &= ~_likely_mimics(tsv)
+    if not kept.all():
+        lesions = _subset(lesions, kept)
         if image is not None:
-            image = _kept_labels(image, labels[confident])
+            image = _kept_labels(image, labels[kept])
     return Result(key, lesions, image)
 
 
@@ -766,6 +787,7 @@ def evaluate(
     min_diameter_mm: float = 0.0,
     size_bins_mm: tuple[float, ...] = DEFAULT_SIZE_BINS_MM,
     min_peak_probability: float = 0.0,
+    drop_likely_mimics: bool = False,
 ) -> dict[str, list[dict]]:
     """Score detections in ``results_dir`` against the reference in ``truth_dir``.
 
@@ -774,7 +796,7 @@ def evaluate(
     ``by_grid``, and ``results_without_truth`` (rows with ``subject`` and
     ``path``).  Rows of every view are included; undefined values are NaN.
     Writes ``out_tsv`` when given.  Raises ``EvaluationInputError`` on bad input.
-    min_peak_probability: see the module docstring.
+    min_peak_probability, drop_likely_mimics: see the module docstring.
     """
     if not is_probability(min_peak_probability):
         raise EvaluationInputError(
@@ -797,19 +819,23 @@ def evaluate(
     if not result_files:
         raise EvaluationInputError(f"{results_dir}: no *_desc-cmb_lesions.tsv found")
 
-    outcomes: dict[str, list[Outcome]] = {"distance": [], "overlap": []}
+    variants = {"": False, **({"_no_mimics": True} if drop_likely_mimics else {})}
+    outcomes: dict[str, list[Outcome]] = {
+        f"{view}{suffix}": [] for suffix in variants for view in ("distance", "overlap")}
     for key in sorted(truth_files):
         truth = _load_truth(key, truth_files[key])
-        result = (
-            _load_result(key, *result_files[key], min_peak_probability)
-            if key in result_files
-            else None
-        )
-        outcomes["distance"].append(
-            _distance_outcome(truth, result, match_distance_mm, min_diameter_mm)
-        )
-        if truth.image is not None and (result is None or result.image is not None):
-            outcomes["overlap"].append(_overlap_outcome(truth, result, min_diameter_mm))
+        for suffix, drop in variants.items():
+            result = (
+                _load_result(key, *result_files[key], min_peak_probability, drop)
+                if key in result_files
+                else None
+            )
+            outcomes[f"distance{suffix}"].append(
+                _distance_outcome(truth, result, match_distance_mm, min_diameter_mm)
+            )
+            if truth.image is not None and (result is None or result.image is not None):
+                outcomes[f"overlap{suffix}"].append(
+                    _overlap_outcome(truth, result, min_diameter_mm))
 
     tables: dict[str, list] = {name: [] for name in TABLE_NAMES}
     for view, view_outcomes in outcomes.items():
@@ -869,6 +895,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score only predictions whose max_prob is at least P, as if `run` had been "
         "given --min-peak-probability P (default: every prediction)",
     )
+    parser.add_argument(
+        "--drop-likely-mimics",
+        action="store_true",
+        help="also score each view without the lesions flagged likely_mimic, as if `run` "
+        "had been given --drop-likely-mimics",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -882,6 +914,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             min_diameter_mm=args.min_diameter,
             size_bins_mm=args.size_bins,
             min_peak_probability=args.min_peak_probability,
+            drop_likely_mimics=args.drop_likely_mimics,
         )
     except EvaluationInputError as exc:
         print(f"cmb-workflow evaluate: error: {exc}", file=sys.stderr)

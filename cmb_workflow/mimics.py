@@ -33,6 +33,7 @@ VESSEL_SIGMAS_MM = (0.5, 1.0, 1.5, 2.0)
 VESSEL_REACH_MM = 3 * VESSEL_SIGMAS_MM[-1]
 # Ramps of the rule: (feature value at score 0, at score 1).
 ELONGATION_RAMP = (2.0, 4.0)
+SPHERICITY_RAMP = (0.4, 0.2)  # a sheet along a surface (sulcal or ventricular edge, pial vein)
 ONE_SIDED_RAMP = (0.6, 0.9)
 CONTRAST_RAMP = (0.10, 0.0)
 # The dark structure's volume in the patch: a 10 mm microbleed, rim included, stays under the
@@ -200,12 +201,13 @@ def _ramp(value: float, ramp: tuple[float, float]) -> float:
 
 def mimic_score(features: dict) -> float:
     """The score of the lesion's most mimic-like trait, each trait scaled to [0, 1]: a dark
-    tube that goes on beyond it on both sides (1), elongation, darkness on one side only, too
-    little contrast against its surroundings, and belonging to a dark region larger than any
-    microbleed."""
+    tube that goes on beyond it on both sides (1), elongation, flatness, darkness on one side
+    only, too little contrast against its surroundings, and belonging to a dark region larger
+    than any microbleed."""
     return round(max(
         1.0 if features["tube_continues"] == "yes" else 0.0,
         _ramp(features["elongation"], ELONGATION_RAMP),
+        _ramp(features["sphericity"], SPHERICITY_RAMP),
         _ramp(features["one_sided"], ONE_SIDED_RAMP),
         _ramp(features["contrast"], CONTRAST_RAMP),
         _ramp(features["dark_volume_mm3"], LARGE_DARK_RAMP_MM3),

@@ -58,12 +58,15 @@ def write_truth(root, key, lesions, grid="0.5x0.5x2.0"):
     (root / f"{key}_desc-cmb_lesions.json").write_text(json.dumps(document))
 
 
-def write_results(root, key, lesions, peaks=None):
-    """lesions: (x, y, z, volume_mm3) tuples; peaks: their max_prob (default 0.9 each)."""
+def write_results(root, key, lesions, peaks=None, mimics=None):
+    """lesions: (x, y, z, volume_mm3) tuples; peaks: their max_prob (default 0.9 each);
+    mimics: their likely_mimic (default: no column)."""
     root.mkdir(parents=True, exist_ok=True)
-    lines = ["label\tx\ty\tz\tvolume_mm3\tmax_prob\tmean_prob"]
+    lines = ["label\tx\ty\tz\tvolume_mm3\tmax_prob\tmean_prob"
+             + ("\tlikely_mimic" if mimics else "")]
     for i, ((x, y, z, v), peak) in enumerate(zip(lesions, peaks or [0.9] * len(lesions)), 1):
-        lines.append(f"{i}\t{x}\t{y}\t{z}\t{v}\t{peak}\t0.7")
+        mimic = f"\t{'yes' if mimics[i - 1] else 'no'}" if mimics else ""
+        lines.append(f"{i}\t{x}\t{y}\t{z}\t{v}\t{peak}\t0.7{mimic}")
     (root / f"{key}_desc-cmb_lesions.tsv").write_text("\n".join(lines) + "\n")
 
 
@@ -275,6 +278,24 @@ def test_min_peak_probability_needs_the_max_prob_column(dirs):
     with pytest.raises(ev.EvaluationInputError,
                        match="sub-01_desc-cmb_lesions.tsv: missing column.s. max_prob"):
         ev.evaluate(truth, results, min_peak_probability=0.9)
+
+
+def test_drop_likely_mimics_adds_views_without_them(dirs):
+    truth, results = dirs
+    hit, flagged_hit, flagged_fp, fp = CENTRE, shifted(dz=8), shifted(dx=-8), (12, -2, -6)
+    write_truth(truth, "sub-01", [(*hit, 4.0), (*flagged_hit, 4.0)])
+    write_results(results, "sub-01", [(*centre, sphere_volume(4.0))
+                                      for centre in (hit, flagged_hit, flagged_fp, fp)],
+                  mimics=[False, True, True, False])
+
+    tables = ev.evaluate(truth, results, drop_likely_mimics=True)
+
+    assert counts(row(tables, "subjects", view="distance", group="sub-01")) == (2, 2, 0)
+    assert counts(row(tables, "subjects", view="distance_no_mimics", group="sub-01")) == (1, 1, 1)
+    assert "distance_no_mimics" not in {r["view"] for r in ev.evaluate(truth, results)["summary"]}
+    write_results(results, "sub-01", [(*hit, sphere_volume(4.0))])
+    with pytest.raises(ev.EvaluationInputError, match="missing column likely_mimic"):
+        ev.evaluate(truth, results, drop_likely_mimics=True)
 
 
 def test_overlap_view_for_missing_results_and_empty_masks(dirs):
