@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 
@@ -61,6 +62,9 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("--drop-likely-mimics", action="store_true", default=None,
                         help="remove lesions that look like veins, edges or dark nuclei "
                              "(mimic_score >= 0.5) from the maps, tables and counts")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Nipype's and TensorFlow's own messages on the terminal "
+                             "(they always go to the run log)")
     parser.add_argument("--allow-unverified-models", action="store_true", default=None,
                         help="load model files whose md5 does not match their descriptor. Model "
                              "files execute code: only for files you trust")
@@ -127,8 +131,11 @@ def main(argv=None) -> int:
     terminal = logging.StreamHandler()
     terminal.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
                                             datefmt="%H:%M:%S"))
-    # Nipype's per-node lines and crash tracebacks go to the run's log file, not the terminal.
-    terminal.addFilter(lambda record: not record.name.startswith("nipype"))
+    if getattr(args, "verbose", False):
+        os.environ["CMB_WORKFLOW_VERBOSE"] = "1"
+    else:
+        # Nipype's per-node lines and crash tracebacks go to the run's log file only.
+        terminal.addFilter(lambda record: not record.name.startswith("nipype"))
     logging.basicConfig(level=logging.INFO, handlers=[terminal])
     from .bids import InputError
     from .configs import ConfigError

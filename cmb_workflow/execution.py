@@ -57,7 +57,11 @@ class Execution:
             return None
         return {"sbatch_args": self.sbatch.predict, "overwrite": True}
 
-    def run(self, workflow) -> None:
+    def run(self, workflow, phase: tuple[str, str, int] | None = None) -> None:
+        """phase: its name, the last step of each image and the number of images, for the
+        progress lines."""
+        if phase and "status_callback" in self.args:
+            self.args["status_callback"].start_phase(*phase)
         if self.sbatch is not None:
             self.job_log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -75,11 +79,18 @@ class Execution:
 
 
 class Progress:
-    """Nipype's status callback: one line per image (or batch) and step as it ends."""
+    """Nipype's status callback: one line per image (or batch) and step as it ends, and, as
+    each image ends its phase, how many are done, the time so far and an estimate of the rest."""
 
     def __init__(self, labels: dict):
         self.labels = labels
         self.failed: set[str] = set()
+        self.phase = None
+
+    def start_phase(self, name: str, last_step: str, images: int) -> None:
+        """A graph whose images each end with `last_step` (or their first failure) begins."""
+        self.phase = {"name": name, "last_step": last_step, "images": images,
+                      "ended": set(), "started": time.monotonic()}
 
     def __call__(self, node, status: str) -> None:
         if status == "start":
@@ -91,6 +102,23 @@ class Progress:
             LOGGER.error("%s: %s failed", label, node.name)
         elif node.fullname not in self.failed:  # MultiProc also ends what failed
             LOGGER.info("%s: %s done", label, node.name)
+        else:
+            return
+        phase = self.phase
+        if phase and unit not in phase["ended"] and unit in self.labels and \
+                not unit.startswith("batch_") and \
+                (status == "exception" or node.name == phase["last_step"]):
+            phase["ended"].add(unit)
+            done, total = len(phase["ended"]), phase["images"]
+            elapsed = time.monotonic() - phase["started"]
+            left = f", about {_minutes(elapsed / done * (total - done))} left" \
+                if done < total else ""
+            LOGGER.info("%s: %d of %d images done, %s elapsed%s", phase["name"], done, total,
+                        _minutes(elapsed), left)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 def unit_name(fullname: str) -> str:

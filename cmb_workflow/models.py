@@ -8,11 +8,13 @@ TensorFlow is even imported, and unsafe deserialisation is allowed only for file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,9 +175,37 @@ def import_tensorflow():
     # Keras-2 .h5 files need tf_keras; the switch must be set before TensorFlow is imported.
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    # TensorFlow's native start-up lines (CUDA probing on a host without a GPU, CPU features)
+    # bypass Python's logging: during a run they go to the run log unless --verbose.
+    run_log = os.environ.get("CMB_WORKFLOW_RUN_LOG")
+    quiet = run_log and not os.environ.get("CMB_WORKFLOW_VERBOSE")
+    with _native_stderr_to(run_log) if quiet else contextlib.nullcontext():
+        import tensorflow as tf
 
+        tf.config.list_physical_devices()  # the CUDA probe happens here, inside the redirect
     return tf
+
+
+@contextlib.contextmanager
+def _native_stderr_to(path):
+    """File descriptor 2 (what C++ code writes to) appended to `path` for the duration."""
+    try:
+        target = open(path, "a")
+    except OSError:  # a log of an earlier run in this process, since removed
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with target:
+        os.dup2(target.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _float32_config(config):

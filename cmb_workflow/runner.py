@@ -123,7 +123,8 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
     if jobs:
         from .workflow.base import init_predict_study_wf, init_preprocess_study_wf
 
-        execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir), str(work_dir)))
+        execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir), str(work_dir)),
+                      ("preprocessing", "handoff", len(jobs)))
         prepared = {job.node_name: json.loads(record.read_text()) for job in jobs
                     if (record := handoff_dir / f"{job.node_name}.json").exists()}
         batches = _batches(jobs, prepared, config.predict_batch_size)
@@ -133,7 +134,8 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
         if batches:
             execution.run(init_predict_study_wf(batches, prepared, config, models[0],
                                                 str(out_dir), str(work_dir),
-                                                execution.predict_plugin_args, command_line))
+                                                execution.predict_plugin_args, command_line),
+                          ("prediction and results", "write_derivatives", len(prepared)))
 
     rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of, config.models)
     failed = [row for row in rows if row["status"] != "ok"]
