@@ -62,6 +62,9 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("--drop-likely-mimics", action="store_true", default=None,
                         help="remove lesions that look like veins, edges or dark nuclei "
                              "(mimic_score >= 0.5) from the maps, tables and counts")
+    parser.add_argument("--clean-work", action="store_true", default=None,
+                        help="when every image succeeded, delete the intermediate files of the "
+                             "work folder (a re-run then recomputes everything)")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Nipype's and TensorFlow's own messages on the terminal "
                              "(they always go to the run log)")
@@ -79,7 +82,7 @@ def _run(args) -> int:
         "models", "work_dir", "plugin", "nprocs", "threshold", "min_peak_probability",
         "participant_label", "session_label", "input_type", "masks_dir", "brain_mask",
         "brain_mask_model", "echo", "allow_unverified_models", "preprocessing",
-        "save_model_input", "drop_likely_mimics")}
+        "save_model_input", "drop_likely_mimics", "clean_work")}
     config = load_config(args.config, overrides)
     if not config.models:
         from .demo import demo_model_descriptor

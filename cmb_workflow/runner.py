@@ -56,8 +56,11 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
         with RunLock(out_dir, out_dir / "logs"), \
                 RunLock(work_dir) if work_dir != out_dir else nullcontext():
             try:
-                return _run_locked(jobs, rejected, out_dir, work_dir, models, config,
-                                   execution, command_line)
+                status = _run_locked(jobs, rejected, out_dir, work_dir, models, config,
+                                     execution, command_line)
+                if status == 0 and config.clean_work:
+                    clean_work_folder(work_dir)
+                return status
             except Interrupted as stop:
                 stopped = stop_children()
                 LOGGER.error("stopped by %s%s; the work folder %s is kept: run the same command "
@@ -78,6 +81,16 @@ def with_model_defaults(config: Settings, descriptor) -> Settings:
         min_peak_probability=descriptor.min_peak_probability or 0.0 if min_peak is None
         else min_peak, preprocessing=preprocessing,
         mask_input=MASK_INPUT[preprocessing] if mask_input is None else mask_input)
+
+
+def clean_work_folder(work_dir: Path) -> None:
+    """Delete what runs keep in the work folder; only their own entries, since --work-dir may
+    name a folder that holds other things too."""
+    from .workflow.base import WORK_GRAPHS
+
+    for name in (*WORK_GRAPHS, "handoff", "crash"):
+        shutil.rmtree(work_dir / name, ignore_errors=True)
+    LOGGER.info("work folder %s cleaned (--clean-work)", work_dir)
 
 
 def check_folders(in_dir: Path, out_dir: Path, work_dir: Path) -> None:

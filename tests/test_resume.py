@@ -52,6 +52,11 @@ def test_killed_run_resumes_without_recomputing_and_gives_identical_outputs(
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
     assert result_digests(out) == result_digests(multiproc_run)
 
+    # Once every image succeeded, --clean-work leaves only the work folder's lock file.
+    assert main([*args, "--plugin", "Linear", "--clean-work"]) == 0
+    assert [path.name for path in (out / "work").iterdir()] == [".cmb-workflow.lock"]
+    assert result_digests(out) == result_digests(multiproc_run)
+
 
 def descendants(pid: int) -> set[int]:
     import psutil

@@ -44,6 +44,8 @@ def test_run_through_slurm_matches_multiproc(study, h5_models, multiproc_run, sl
     # Nipype's status callback gives the progress lines under SLURM too.
     assert "sub-02_ses-1: normalize done" in caplog.text
     assert "sub-01, sub-02_ses-1, sub-03: predict done" in caplog.text
+    assert "preprocessing: 3 of 3 images done" in caplog.text
+    assert "prediction and results: 3 of 3 images done" in caplog.text
 
 
 def test_gpu_request_the_cluster_cannot_meet_stops_the_run_with_one_line(

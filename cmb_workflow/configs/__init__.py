@@ -169,6 +169,8 @@ class Settings:
     # Execution
     work_dir: str | None = setting(None, "intermediate files; the same folder resumes a run; "
                                    "None: OUT/work", kind="path", optional=True)
+    clean_work: bool = setting(False, "after a run in which every image succeeded, delete what "
+                               "it kept in the work folder (a re-run then recomputes everything)")
     plugin: str = setting("MultiProc", "Nipype plugin: Linear, MultiProc, SLURM, SLURMGraph")
     nprocs: int | None = setting(None, "MultiProc processes; None: all cores", kind="int",
                                  minimum=1, optional=True)

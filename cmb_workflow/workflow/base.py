@@ -9,9 +9,12 @@ from ..interfaces.predict import Predict
 from ..preprocessing import PREDICTION_FLOOR
 from .image import init_postprocess_wf, init_preprocess_wf
 
+# The graphs' folders in the work folder.
+WORK_GRAPHS = ("preprocess", "predict")
+
 
 def init_preprocess_study_wf(jobs, config: Settings, handoff_dir: str, work_dir: str) -> pe.Workflow:
-    workflow = pe.Workflow(name="preprocess", base_dir=str(work_dir))
+    workflow = pe.Workflow(name=WORK_GRAPHS[0], base_dir=str(work_dir))
     workflow.add_nodes([init_preprocess_wf(job, config, f"{handoff_dir}/{job.node_name}.json",
                                            name=job.node_name) for job in jobs])
     return workflow
@@ -22,7 +25,7 @@ def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, model
                           command_line: str = "") -> pe.Workflow:
     """batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record;
     model: the CMB model's provenance (registry.model_provenance), recorded in the sidecars."""
-    workflow = pe.Workflow(name="predict", base_dir=str(work_dir))
+    workflow = pe.Workflow(name=WORK_GRAPHS[1], base_dir=str(work_dir))
     for batch_name, batch in batches.items():
         # A workflow per batch names its node like the images' ones: predict.<batch>.predict
         batch_wf = pe.Workflow(name=batch_name)
