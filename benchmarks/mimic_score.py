@@ -12,11 +12,11 @@ positives flagged (target >= 50 %) and of true microbleeds of 3 mm and more flag
 """
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_description
 from scipy.stats import binomtest
 
 from cmb_workflow.configs import load_config
@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--seed", type=int, default=777)
     parser.add_argument("--keep", help="folder to keep phantoms and results in")
     args = parser.parse_args()
-    print(f"CPU: {platform.processor() or platform.machine()}")
+    print(f"CPU: {cpu_description()}")
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep or scratch)
         detectors = {

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from machine import cpu_description
 
 # SHiVAi's CMB chain (its workflows/preprocessing.py with its defaults), run in SHiVAi's own
 # interpreter; prints the normalised crop's path.
@@ -58,19 +58,6 @@ print(Normalization(input_image=cropped, brain_mask=box_mask, percentile=99.0
 """
 
 PHANTOM_GRIDS = ("0.9x0.9x1.5 oblique", "1.0x1.0x1.0", "1.0x1.0x3.0 oblique", "0.5x0.5x2.0")
-
-
-def cpu_description() -> str:
-    flags = ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines()
-                     if line.startswith("model name"))
-        flags = " ".join(flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-                         if f" {flag}" in info)
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model} [{flags}]"
 
 
 def make_phantoms(root: Path) -> Path:
