@@ -472,7 +472,7 @@ def test_cli_prints_tables_and_writes_tsv(dirs, tmp_path, capsys):
         reader = csv.DictReader(handle, delimiter="\t")
         written = list(reader)
     assert tuple(reader.fieldnames) == ev.COLUMNS
-    # 2 subjects + pooled + median + 4 size bins + 1 grid, distance view only.
+    # 2 subjects + pooled + median + 3 size bins (< 2, 2-4, >= 4 mm) + 1 grid, distance view only.
     assert [r["scope"] for r in written].count("size") == 3
     assert len(written) == 2 + 2 + 3 + 1
     empty = next(r for r in written if r["group"] == "sub-02")
