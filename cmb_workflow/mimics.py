@@ -22,7 +22,8 @@ SHELL_MM = (1.0, 4.0)
 # The dark structure a lesion belongs to: connected voxels darker than halfway between its
 # darkest voxel and its surroundings (or the brain's median, if brighter).
 HALF_DEPTH = 0.5
-# A dark structure reaching this far beyond the lesion on both sides of its axis is a tube.
+# A dark structure reaching this far beyond the lesion on both sides of its axis, more than its
+# own width, is a tube.
 CONTINUES_MM = 3.0
 # CSF is the brain's bright fluid on SWI and T2*-GRE: this much above the median brain voxel,
 # in pieces of at least CSF_MIN_VOXELS.
@@ -55,8 +56,9 @@ MIMIC_SIDECAR = {
                                   "that dark structure (1: a sphere)"},
     "vesselness": {"Description": "Median Frangi vesselness (dark tubes, 0.5-2 mm scales) over "
                                   "the lesion's voxels"},
-    "tube_continues": {"Description": f"The dark structure reaches at least {CONTINUES_MM:g} mm "
-                                      "beyond the lesion on both sides of its long axis",
+    "tube_continues": {"Description": "The dark structure reaches beyond the lesion on both "
+                                      "sides of its long axis, by its own radius across that "
+                                      f"axis plus {CONTINUES_MM:g} mm",
                        "Levels": _YES_NO},
     "one_sided": {"Description": "1 - (the lesion's contrast on its flattest sides) / (on its "
                                  "strongest), over 26 directions (10th and 90th percentiles): "
@@ -120,7 +122,10 @@ def _features(image, lesion, brain, spacing, tissue_median) -> dict:
     eigenvalues, axes = _inertia(dark_points, spacing)
     along = (dark_points - centre) @ axes[:, 0]
     lesion_along = (coordinates - centre) @ axes[:, 0]
-    beyond = min(along.max() - lesion_along.max(), lesion_along.min() - along.min())
+    # Beyond the lesion by more than the structure's own radius across its axis (that of a
+    # ball with its spread), so a small detection inside a large round bleed is not a tube.
+    beyond = min(along.max() - lesion_along.max(), lesion_along.min() - along.min()) \
+        - np.sqrt(5 * eigenvalues[1])
 
     vesselness = _vesselness(image, lesion, spacing)
     csf = _csf(image, brain, tissue_median)
