@@ -541,10 +541,11 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
-def _sensitivity_interval(tp: int, n_ref: int) -> tuple[float, float]:
-    if not n_ref:
+def wilson_interval(hits: int, total: int) -> tuple[float, float]:
+    """Wilson interval (CI_LEVEL) of the proportion hits / total; NaNs when total is 0."""
+    if not total:
         return math.nan, math.nan
-    interval = binomtest(tp, n_ref).proportion_ci(CI_LEVEL, method="wilson")
+    interval = binomtest(hits, total).proportion_ci(CI_LEVEL, method="wilson")
     return float(interval.low), float(interval.high)
 
 
@@ -613,7 +614,7 @@ def _row(view, scope, group, grid, status, n_subjects, counts, abs_count_diff, d
         "fp_per_lesion": _ratio(fp, counts["n_ref"]),
         "abs_count_diff": abs_count_diff,
         "dice": dice,
-        **dict(zip(CI_COLUMNS, _sensitivity_interval(tp, tp + fn)
+        **dict(zip(CI_COLUMNS, wilson_interval(tp, tp + fn)
                    + _fp_per_scan_interval(fp, n_subjects))),
     }
 

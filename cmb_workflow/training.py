@@ -97,15 +97,27 @@ FOLD_RECIPES = (FoldRecipe(steps=2000, iron_darkening=IRON_DARKENING),
 def prepare_subject(seed: int, config: Settings, scratch: Path):
     """(normalised crop, crop mask, lesion target, iron load) of one phantom, float16 / bool /
     bool / float16."""
-    from .imageops import save_atomic
-    from .interfaces.brainmask import supplied_mask
-    from .interfaces.conform import Conform
-    from .preprocessing import box_affine, crop_start, extract_box, normalize
     from .synthetic import make_phantom
 
     rng = np.random.default_rng(seed)
     phantom = make_phantom(seed, n_cmb=int(rng.integers(4, 16)))
-    folder = scratch / f"seed-{seed}"
+    data, crop_mask, affine = phantom_model_input(phantom, config, scratch / f"seed-{seed}",
+                                                  int(rng.integers(0, MAX_MASK_GROWTH + 1)))
+    dimensions = np.asarray(config.final_dimensions)
+    target = lesion_target(phantom.lesions, affine, dimensions)
+    iron = phantom.iron_load(affine, dimensions)
+    return data.astype(np.float16), crop_mask, target, iron.astype(np.float16)
+
+
+def phantom_model_input(phantom, config: Settings, folder: Path, mask_growth: int = 0):
+    """(the model's input, its brain mask, the crop's affine) for a phantom, prepared as the
+    demo model's pipeline does from the phantom's true brain mask, grown by `mask_growth`
+    voxels (training varies it)."""
+    from .imageops import save_atomic
+    from .interfaces.brainmask import supplied_mask
+    from .interfaces.conform import Conform
+    from .preprocessing import box_affine, crop_start, extract_box, normalize
+
     folder.mkdir(parents=True, exist_ok=True)
     save_atomic(phantom.image, folder / "image.nii.gz")
     save_atomic(phantom.brain_mask, folder / "mask.nii.gz")
@@ -119,9 +131,8 @@ def prepare_subject(seed: int, config: Settings, scratch: Path):
         os.chdir(cwd)
     img = nib.load(conformed)
     mask = supplied_mask(str(folder / "mask.nii.gz"), img, DEMO_CONVENTION)
-    growth = int(rng.integers(0, MAX_MASK_GROWTH + 1))
-    if growth:
-        mask = ndimage.binary_dilation(mask, iterations=growth)
+    if mask_growth:
+        mask = ndimage.binary_dilation(mask, iterations=mask_growth)
     dimensions = np.asarray(config.final_dimensions)
     start = crop_start(mask, dimensions, config.top_margin, DEMO_CONVENTION)
     data = extract_box(np.asarray(img.dataobj, np.float32), start, dimensions)
@@ -130,10 +141,7 @@ def prepare_subject(seed: int, config: Settings, scratch: Path):
                      config.clip_max)
     if MASK_INPUT[DEMO_CONVENTION]:
         data = data * crop_mask
-    affine = box_affine(img.affine, start)
-    target = lesion_target(phantom.lesions, affine, dimensions)
-    iron = phantom.iron_load(affine, dimensions)
-    return data.astype(np.float16), crop_mask, target, iron.astype(np.float16)
+    return data, crop_mask, box_affine(img.affine, start)
 
 
 def lesion_target(lesions, affine, shape) -> np.ndarray:
