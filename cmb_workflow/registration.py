@@ -32,10 +32,9 @@ MIN_BRAIN_ML = 200.0
 FOV_PAD = 8
 # Any fixed value: ANTs draws the points its metric samples from it.
 RANDOM_SEED = 20090
-# Voxel size (mm) of the images both stages work on. The mask stage runs on them shrunk by 2
-# (8 mm), the image stage on them as they are: a 4 mm mask level and a 2 mm image level more
-# than tripled ANTs' time for about 0.003 Dice (docs/performance.md).
-STAGE_MM = 4.0
+# Voxel sizes (mm) the two stages work on: coarse masks for the start, finer images after.
+MASK_STAGE_MM = 4.0
+IMAGE_STAGE_MM = 2.0
 # The metric of the image stage sees the intensity mask grown by this much: the brain's edge
 # and a little of what surrounds it, not the scalp and neck that the template lacks.
 METRIC_MARGIN_MM = 5
@@ -116,19 +115,6 @@ def _to_ants(ants, img: nib.Nifti1Image):
     return ants.from_nibabel_nifti(img)
 
 
-def _resampled(ants, img: nib.Nifti1Image, nearest: bool = False):
-    """`img` as an ANTsPy image of STAGE_MM voxels."""
-    return ants.resample_image(_to_ants(ants, img), (STAGE_MM,) * 3, use_voxels=False,
-                               interp_type=1 if nearest else 0)
-
-
-@functools.lru_cache(maxsize=None)
-def _resampled_template(ants, name: str):
-    """The template's brain mask or T1 of STAGE_MM voxels, made once per process: the same for
-    every image."""
-    return _resampled(ants, mni152({"template_mask": "brain_mask", "template": "t1"}[name]))
-
-
 def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[str]:
     """Transforms from the template to a conformed image (1 mm RAS), written in out_dir.
 
@@ -138,19 +124,23 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
     """
     out_dir = Path(out_dir)
     metric_mask = ndimage.binary_dilation(rough, iterations=METRIC_MARGIN_MM)
-    subject = {"subject_mask": nib.Nifti1Image(rough.astype(np.uint8), img.affine),
-               "subject": img,
-               "metric_mask": nib.Nifti1Image(metric_mask.astype(np.uint8), img.affine)}
+    images = {
+        "subject_mask": (MASK_STAGE_MM, nib.Nifti1Image(rough.astype(np.uint8), img.affine)),
+        "template_mask": (MASK_STAGE_MM, mni152("brain_mask")),
+        "subject": (IMAGE_STAGE_MM, img),
+        "template": (IMAGE_STAGE_MM, mni152("t1")),
+        "metric_mask": (IMAGE_STAGE_MM, nib.Nifti1Image(metric_mask.astype(np.uint8), img.affine)),
+    }
     prefix = out_dir / TRANSFORM_PREFIX
+    levels = ["--convergence", "[500x250,1e-6,10]", "--shrink-factors", "2x1",
+              "--smoothing-sigmas", "1x0vox"]
     with _ants() as ants:
         files = {}
-        for name, image in subject.items():
+        for name, (mm, image) in images.items():
             files[name] = out_dir / f"registration_{name}.nii.gz"
-            ants.image_write(_resampled(ants, image, nearest=name == "metric_mask"),
-                             str(files[name]))
-        for name in ("template_mask", "template"):
-            files[name] = out_dir / f"registration_{name}.nii.gz"
-            ants.image_write(_resampled_template(ants, name), str(files[name]))
+            resampled = ants.resample_image(_to_ants(ants, image), (mm,) * 3, use_voxels=False,
+                                            interp_type=1 if name == "metric_mask" else 0)
+            ants.image_write(resampled, str(files[name]))
         ants.registration(fixed=[
             "--dimensionality", "3", "--float", "1", "--random-seed", str(RANDOM_SEED),
             "--collapse-output-transforms", "1", "--output", str(prefix),
@@ -158,12 +148,10 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
             # Masks first: alike images, so the alignment is found from far off.
             "--transform", "Similarity[0.25]",
             "--metric", f"MeanSquares[{files['subject_mask']},{files['template_mask']},1,0]",
-            "--convergence", "[500,1e-6,10]", "--shrink-factors", "2", "--smoothing-sigmas",
-            "1vox", "--masks", "[NA,NA]",
+            *levels, "--masks", "[NA,NA]",
             "--transform", "Affine[0.25]",
             "--metric", f"MI[{files['subject']},{files['template']},1,32,Regular,0.2]",
-            "--convergence", "[500,1e-6,10]", "--shrink-factors", "1", "--smoothing-sigmas",
-            "0vox", "--masks", f"[{files['metric_mask']},NA]",
+            *levels, "--masks", f"[{files['metric_mask']},NA]",
         ], moving=None)
     return [f"{prefix}0GenericAffine.mat"]
 
