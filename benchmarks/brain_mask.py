@@ -21,7 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from shivai_parity import cpu_description
+from machine import cpu_description
 
 from cmb_workflow.imageops import resample
 from cmb_workflow.interfaces.brainmask import BrainMask

@@ -3,6 +3,7 @@ log, the lock on OUT and the work folder, and a clean stop on SIGTERM / SIGINT."
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import logging
@@ -10,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from .configs import ConfigError, Settings
 from .slurm import SLURM_PLUGINS, SbatchArgs, cancel_jobs, prepare as prepare_slurm, wait_for_jobs
 
 LOGGER = logging.getLogger("cmb_workflow")
+# A step running longer than this is named, with its time, every so often.
+STILL_RUNNING_SECONDS = 30
 # Seconds the workers get to end after SIGTERM before they are killed.
 WORKER_GRACE_SECONDS = 10
 
@@ -60,12 +64,14 @@ class Execution:
     def run(self, workflow, phase: tuple[str, str, int] | None = None) -> None:
         """phase: its name, the last step of each image and the number of images, for the
         progress lines."""
-        if phase and "status_callback" in self.args:
-            self.args["status_callback"].start_phase(*phase)
+        progress = self.args.get("status_callback")
+        if phase and progress:
+            progress.start_phase(*phase)
         if self.sbatch is not None:
             self.job_log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            workflow.run(plugin=self.plugin, plugin_args=self.args)
+            with progress.watching() if progress else contextlib.nullcontext():
+                workflow.run(plugin=self.plugin, plugin_args=self.args)
         except RuntimeError as exc:
             # Nipype raises after running everything it could when some nodes failed; the
             # progress lines and the summary name them, the run log keeps Nipype's account.
@@ -79,13 +85,16 @@ class Execution:
 
 
 class Progress:
-    """Nipype's status callback: one line per image (or batch) and step as it ends, and, as
-    each image ends its phase, how many are done, the time so far and an estimate of the rest."""
+    """Nipype's status callback: one line per image (or batch) and step as it ends; as each
+    image ends its phase, how many are done, the time so far and an estimate of the rest; and,
+    while steps run long (registration, prediction), which ones and for how long."""
 
     def __init__(self, labels: dict):
         self.labels = labels
         self.failed: set[str] = set()
         self.phase = None
+        self.running: dict[str, tuple[str, float]] = {}  # node -> (its line's label, start)
+        self.lock = threading.Lock()
 
     def start_phase(self, name: str, last_step: str, images: int) -> None:
         """A graph whose images each end with `last_step` (or their first failure) begins."""
@@ -93,10 +102,13 @@ class Progress:
                       "ended": set(), "started": time.monotonic()}
 
     def __call__(self, node, status: str) -> None:
-        if status == "start":
-            return
         unit = unit_name(node.fullname)
         label = self.labels.get(unit, unit)
+        with self.lock:
+            if status == "start":
+                self.running[node.fullname] = (f"{label} {node.name}", time.monotonic())
+                return
+            self.running.pop(node.fullname, None)
         if status == "exception":
             self.failed.add(node.fullname)
             LOGGER.error("%s: %s failed", label, node.name)
@@ -115,6 +127,32 @@ class Progress:
                 if done < total else ""
             LOGGER.info("%s: %d of %d images done, %s elapsed%s", phase["name"], done, total,
                         _minutes(elapsed), left)
+
+
+    def report_running(self) -> None:
+        """One line naming the steps that have been running for a while, and for how long."""
+        now = time.monotonic()
+        with self.lock:
+            long = [f"{what} {_minutes(now - since)}" for what, since in self.running.values()
+                    if now - since >= STILL_RUNNING_SECONDS]
+        if long:
+            LOGGER.info("still running: %s", ", ".join(long))
+
+    @contextlib.contextmanager
+    def watching(self):
+        """While the block runs, a line every STILL_RUNNING_SECONDS about the long steps."""
+        stop = threading.Event()
+
+        def watch():
+            while not stop.wait(STILL_RUNNING_SECONDS):
+                self.report_running()
+        watcher = threading.Thread(target=watch, name="cmb-workflow-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
 
 
 def _minutes(seconds: float) -> str:
