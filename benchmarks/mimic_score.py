@@ -28,7 +28,8 @@ from cmb_workflow.mimics import FEATURE_COLUMNS, score_lesions
 from cmb_workflow.models import load_ensemble
 from cmb_workflow.networks import build_detector_ensemble
 from cmb_workflow.synthetic import STYLES, make_phantom
-from cmb_workflow.training import lesion_target, phantom_model_input
+from cmb_workflow.preprocessing import MASK_INPUT
+from cmb_workflow.training import DEMO_CONVENTION, lesion_target, phantom_model_input
 
 MIN_DIAMETER_MM = 3.0
 
@@ -46,10 +47,11 @@ def scored_lesions(phantom, ensemble, min_peak, config, folder):
     truth = np.zeros(data.shape, np.int16)
     for number, lesion in enumerate(phantom.lesions, start=1):
         truth[lesion_target([lesion], affine, data.shape) & (truth == 0)] = number
-    probability = ensemble.predict(data[None, ..., None])[0] * mask
+    given = data * mask if MASK_INPUT[DEMO_CONVENTION] else data
+    probability = ensemble.predict(given[None, ..., None])[0] * mask
     labels, rows = label_lesions(probability, affine, config.threshold, config.connectivity,
                                  config.min_lesion_size, min_peak, mask)
-    rows = score_lesions(rows, data, labels, mask, affine)
+    rows = score_lesions(rows, data, labels, mask, affine)  # the unmasked crop, as in a run
     for row in rows:
         touched = np.unique(truth[labels == row["label"]])
         row["truth_diameter"] = max((phantom.lesions[k - 1]["diameter_mm"]

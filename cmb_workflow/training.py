@@ -103,6 +103,8 @@ def prepare_subject(seed: int, config: Settings, scratch: Path):
     phantom = make_phantom(seed, n_cmb=int(rng.integers(4, 16)))
     data, crop_mask, affine = phantom_model_input(phantom, config, scratch / f"seed-{seed}",
                                                   int(rng.integers(0, MAX_MASK_GROWTH + 1)))
+    if MASK_INPUT[DEMO_CONVENTION]:
+        data = data * crop_mask
     dimensions = np.asarray(config.final_dimensions)
     target = lesion_target(phantom.lesions, affine, dimensions)
     iron = phantom.iron_load(affine, dimensions)
@@ -110,9 +112,10 @@ def prepare_subject(seed: int, config: Settings, scratch: Path):
 
 
 def phantom_model_input(phantom, config: Settings, folder: Path, mask_growth: int = 0):
-    """(the model's input, its brain mask, the crop's affine) for a phantom, prepared as the
+    """(the normalised crop, its brain mask, the crop's affine) of a phantom, prepared as the
     demo model's pipeline does from the phantom's true brain mask, grown by `mask_growth`
-    voxels (training varies it)."""
+    voxels (training varies it). The model is given the crop times the mask where
+    MASK_INPUT says so."""
     from .imageops import save_atomic
     from .interfaces.brainmask import supplied_mask
     from .interfaces.conform import Conform
@@ -139,8 +142,6 @@ def phantom_model_input(phantom, config: Settings, folder: Path, mask_growth: in
     crop_mask = extract_box(mask, start, dimensions)
     data = normalize(data, crop_mask, config.normalization, config.percentile,
                      config.clip_max)
-    if MASK_INPUT[DEMO_CONVENTION]:
-        data = data * crop_mask
     return data, crop_mask, box_affine(img.affine, start)
 
 
