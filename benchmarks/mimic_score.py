@@ -7,7 +7,8 @@ dark-spot detector, which has no training at all), prepares each phantom as the 
 pipeline does (from the phantom's true brain mask: the template registration is not what is
 measured), predicts, labels the lesions with the run's rule and scores them with the pipeline's
 own functions. A lesion touching a true microbleed is a true positive, any other a false
-positive. Prints, per style and detector, the share of false positives flagged likely_mimic
+positive. Prints, per style and detector, the sensitivity for microbleeds of 3 mm and more and the false
+positives per scan, the share of false positives flagged likely_mimic
 (target >= 50 %) and of true microbleeds of 3 mm and more flagged (target <= 5 %), with Wilson
 95 % intervals (evaluate's), and the features of every lesion with --verbose.
 """
@@ -42,7 +43,8 @@ def share(part: int, whole: int) -> str:
 
 
 def scored_lesions(phantom, ensemble, min_peak, config, folder):
-    """The scored lesion rows of one phantom, each with `truth_diameter` (0: false positive)."""
+    """The scored lesion rows of one phantom, each with `truth_diameter` (0: false positive),
+    and the numbers of true microbleeds of MIN_DIAMETER_MM and more found and present."""
     data, mask, affine = phantom_model_input(phantom, config, folder)
     truth = np.zeros(data.shape, np.int16)
     for number, lesion in enumerate(phantom.lesions, start=1):
@@ -52,11 +54,15 @@ def scored_lesions(phantom, ensemble, min_peak, config, folder):
     labels, rows = label_lesions(probability, affine, config.threshold, config.connectivity,
                                  config.min_lesion_size, min_peak, mask)
     rows = score_lesions(rows, data, labels, mask, affine)  # the unmasked crop, as in a run
+    found = set()
     for row in rows:
-        touched = np.unique(truth[labels == row["label"]])
-        row["truth_diameter"] = max((phantom.lesions[k - 1]["diameter_mm"]
-                                     for k in touched if k), default=0.0)
-    return rows
+        touched = [k for k in np.unique(truth[labels == row["label"]]) if k]
+        found.update(touched)
+        row["truth_diameter"] = max((phantom.lesions[k - 1]["diameter_mm"] for k in touched),
+                                    default=0.0)
+    large = {number for number, lesion in enumerate(phantom.lesions, start=1)
+             if lesion["diameter_mm"] >= MIN_DIAMETER_MM}
+    return rows, len(large & found), len(large)
 
 
 def main():
@@ -76,14 +82,16 @@ def main():
                 scratch / "dark-spot", "savedmodel", folds=1)), 0.5),
         }
         results = defaultdict(list)
+        detected = defaultdict(lambda: np.zeros(2, int))
         for style in args.styles.split(","):
             for seed in range(args.seed, args.seed + args.subjects):
                 n_cmb = int(np.random.default_rng(seed).integers(5, 13))
                 phantom = make_phantom(seed, style=style, n_cmb=n_cmb)
                 for name, (ensemble, min_peak) in detectors.items():
-                    rows = scored_lesions(phantom, ensemble, min_peak, config,
-                                          scratch / f"{style}-{seed}")
+                    rows, found, present = scored_lesions(phantom, ensemble, min_peak, config,
+                                                          scratch / f"{style}-{seed}")
                     results[style, name] += rows
+                    detected[style, name] += np.array([found, present])
                     if args.verbose:
                         for row in rows:
                             print(style, seed, name, row["truth_diameter"], row["volume_mm3"],
@@ -96,7 +104,9 @@ def main():
 
             def flagged(subset):
                 return sum(row["likely_mimic"] == "yes" for row in subset)
-            print(f"{style:11} {name:9} false positives flagged "
+            found, present = detected[style, name]
+            print(f"{style:11} {name:9} sensitivity >= 3 mm {share(found, present):27} "
+                  f"FP/scan {len(false) / args.subjects:.1f}; false positives flagged "
                   f"{share(flagged(false), len(false)):27} microbleeds >= 3 mm flagged "
                   f"{share(flagged(true), len(true))}")
 
