@@ -198,7 +198,7 @@ def test_dataset_layout_follows_the_contract(dataset):
         assert truth["source"] == f"{sub}/anat/{sub}_{row[1]}.nii.gz"
         assert truth["modality"] == row[1] and int(row[2]) == len(truth["lesions"]) == 4
         assert set(truth["grid"]) == {"shape", "voxel_size_mm", "axcodes", "oblique", "fov_cut",
-                                      "dtype", "label"}
+                                      "dtype", "label", "style"}
         image = nib.load(root / truth["source"])
         cmb = nib.load(anat / f"{sub}_desc-cmb_mask.nii.gz")
         brain = nib.load(anat / f"{sub}_desc-brain_mask.nii.gz")
@@ -246,10 +246,26 @@ def test_cli_writes_the_requested_phantoms(tmp_path, capsys):
         parser.parse_args([str(tmp_path), "--modality", "flair"])
 
 
+def test_a_style_changes_the_look_and_nothing_else():
+    grid = SMALL_GRIDS[2]
+    standard = make_phantom(3, grid=grid, modality="swi", n_cmb=6)
+    other = make_phantom(3, grid=grid, modality="swi", n_cmb=6, style="contrast-b")
+    assert other.lesions == standard.lesions and other.grid["style"] == "contrast-b"
+    assert np.array_equal(other.brain_mask.get_fdata(), standard.brain_mask.get_fdata())
+    image, reference = other.image.get_fdata(), standard.image.get_fdata()
+    brain = standard.brain_mask.get_fdata() > 0
+    # Mirrored grey/white contrast: the two looks disagree inside the brain, not just in noise.
+    assert np.corrcoef(image[brain], reference[brain])[0, 1] < 0.9
+    again = make_phantom(3, grid=grid, modality="swi", n_cmb=6, style="contrast-b")
+    assert np.array_equal(again.image.get_fdata(), image)
+
+
 def test_invalid_requests_are_refused():
     with pytest.raises(ValueError, match="modality"):
         make_phantom(0, modality="flair")
     with pytest.raises(ValueError, match="unknown grid"):
         make_phantom(0, grid="3x3x3")
+    with pytest.raises(ValueError, match="style"):
+        make_phantom(0, style="glossy")
     with pytest.raises(ValueError, match="axcodes"):
         Grid((1, 1, 1), "RRS")
