@@ -16,6 +16,7 @@ from cmb_workflow.demo import demo_model_descriptor
 from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.interfaces.qc import QC_METRICS, quality_flags
 from cmb_workflow.interfaces.report import SubjectReport, qc_rows
+from cmb_workflow.mimics import score_lesions
 from cmb_workflow.configs import load_config
 from cmb_workflow.reporting import cmb_count_band, model_summary, write_index
 from cmb_workflow.summary import QC_COLUMNS, SUMMARY_COLUMNS
@@ -126,6 +127,7 @@ def synthetic_report_inputs(folder):
     probability[20:23, 45:48, 25:28] = 0.7
     image[probability > 0.5] = 0.15
     labels, rows = label_lesions(probability, affine, 0.5, 26, 1)
+    rows = score_lesions(rows, image, labels, mask, affine)
     regions = [{"region": "frontal", "mars_class": "lobar", "hemisphere": "right",
                 "x_mni": 20.5, "y_mni": 31.0, "z_mni": 5.5},
                {"region": "unknown", "mars_class": "unknown", "hemisphere": "unknown",
@@ -176,6 +178,16 @@ def test_report_names_the_model_warns_of_the_demo_and_is_deterministic(report_pa
     assert "<h2>Command line</h2><pre>cmb-workflow demo OUT</pre>" in text
     again = open(render_report(tmp_path), encoding="utf-8").read()
     assert again.replace(str(tmp_path), "") == text.replace(str(Path(report_page).parent), "")
+
+
+def test_the_report_lists_lesions_by_mimic_score_and_the_dropped_ones(tmp_path):
+    dropped = tmp_path / "dropped.json"
+    dropped.write_text(json.dumps([{"label": 3, "x": 1.0, "y": 2.0, "z": 3.0,
+                                    "volume_mm3": 9.0, "max_prob": 0.97, "mimic_score": 1.0}]))
+    text = open(render_report(tmp_path / "page", dropped_table=str(dropped)),
+                encoding="utf-8").read()
+    assert "most microbleed-like to the most mimic-like" in text and "mimic score" in text
+    assert "Dropped as likely mimics: 1" in text and "(1, 2, 3)" in text
 
 
 def test_neurological_orientation_mirrors_the_views(report_page, tmp_path):
