@@ -98,8 +98,9 @@ def unit_name(fullname: str) -> str:
     return fullname.split(".")[1]
 
 
-def configure_nipype(crash_dir: Path, log_dir: Path) -> Path:
-    """Nipype's execution settings, and the run log (returned) that gets Nipype's lines."""
+def configure_nipype(crash_dir: Path, log_dir: Path, name: str = "cmb-workflow") -> Path:
+    """Nipype's execution settings, and the run log (returned, `name`_<time>.log) that gets
+    Nipype's lines."""
     from nipype import config as nipype_config, logging as nipype_logging
 
     nipype_config.update_config({
@@ -118,12 +119,12 @@ def configure_nipype(crash_dir: Path, log_dir: Path) -> Path:
     # A plain handler: Nipype's own log file uses a lock that forked MultiProc workers break.
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_file = log_dir / f"cmb-workflow_{stamp}.log"
+    log_file = log_dir / f"{name}_{stamp}.log"
     # A second run started within the same second gets a log of its own.
     for repeat in itertools.count(2):
         if not log_file.exists():
             break
-        log_file = log_dir / f"cmb-workflow_{stamp}-{repeat}.log"
+        log_file = log_dir / f"{name}_{stamp}-{repeat}.log"
     # MultiProc workers log there too (worker_logging), when their forkserver starts now.
     os.environ["CMB_WORKFLOW_RUN_LOG"] = str(log_file)
     handler = logging.FileHandler(log_file)
@@ -146,7 +147,9 @@ class RunLockedError(ConfigError):
 
 
 class RunLock:
-    """An exclusive lock on a folder for the whole run, held through an open file.
+    """A lock on a folder for the whole run, held through an open file: exclusive, or shared
+    among the tasks of slurm-array jobs (each works on images of its own), which still keeps
+    an ordinary run out.
 
     The kernel drops a POSIX lock when its process ends, however it ends, so a killed run
     leaves nothing that blocks the next one; the file only says who held it last.
@@ -154,10 +157,11 @@ class RunLock:
 
     NAME = ".cmb-workflow.lock"
 
-    def __init__(self, folder: Path, lock_dir: Path | None = None):
+    def __init__(self, folder: Path, lock_dir: Path | None = None, *, shared: bool = False):
         """folder: what the lock guards; lock_dir: where its file lies (default: folder)."""
         self.folder = folder
         self.path = (lock_dir or folder) / self.NAME
+        self.shared = shared
         self.handle = None
 
     def __enter__(self):
@@ -166,6 +170,10 @@ class RunLock:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            if self.shared and _try_lock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB):
+                # Other array tasks hold it; the file names the first of them.
+                self.handle = handle
+                return self
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
@@ -173,15 +181,26 @@ class RunLock:
                                  "to end or stop it (a killed run's lock is released at once)")
         handle.seek(0)
         handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()} "
+        handle.write(("SLURM array tasks (cmb-workflow status), the first " if self.shared
+                      else "") + f"process {os.getpid()} on {socket.gethostname()} "
                      f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
+        if self.shared:
+            fcntl.lockf(handle, fcntl.LOCK_SH)  # now that the file says who holds it
         self.handle = handle
         return self
 
     def __exit__(self, *exc_info):
         # Closing releases the lock; the file stays so that a reader never races its removal.
         self.handle.close()
+
+
+def _try_lock(handle, operation: int) -> bool:
+    try:
+        fcntl.lockf(handle, operation)
+    except OSError:
+        return False
+    return True
 
 
 class Interrupted(BaseException):
