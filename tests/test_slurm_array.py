@@ -6,14 +6,13 @@ import json
 import subprocess
 import time
 
-import nibabel as nib
-import numpy as np
 import pytest
 import yaml
-from helpers import assert_same_results, grid_affine, make_head, read_tsv, save
+from helpers import SMALL_HEADS_BOX, assert_same_results, read_tsv, write_small_heads
 
 from cmb_workflow.cli import main
-from cmb_workflow.networks import keras_module, save_fold, write_descriptor
+from cmb_workflow.networks import (build_dark_voxel_detector, keras_module, save_fold,
+                                   write_descriptor)
 from cmb_workflow.slurm import queue
 
 # Whole pipelines: the full suite only.
@@ -21,28 +20,13 @@ pytestmark = pytest.mark.slow
 
 IMAGES = 20
 THROTTLE = 3
-# The model's input box: a fraction of the models' own, for quarter-size heads.
-BOX = (40, 48, 40)
 KILLED = 4  # the preprocessing task cancelled while it runs: sub-05
 
 
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
-    """19 quarter-size heads with their brain masks, and one file that is not an image.
-
-    The pipeline's mechanics are the subject here, and a head a quarter the size takes a
-    second, not half a minute: the template registration fails on it (registration_failure),
-    which a supplied mask allows."""
-    root = tmp_path_factory.mktemp("study20")
-    shape = (48, 60, 48)
-    drawn = grid_affine((3.5, 3.5, 3.5), shape)
-    quarter = grid_affine((0.875, 0.875, 0.875), shape, centre=(0, 1.25, 2.5))
-    for n in range(1, IMAGES):
-        image, mask = make_head(shape, drawn, [(10, 10 * (n % 3), 10)], seed=n)
-        anat = root / f"sub-{n:02d}/anat"
-        save(nib.Nifti1Image(np.asarray(image.dataobj), quarter), anat / f"sub-{n:02d}_swi.nii.gz")
-        save(nib.Nifti1Image(np.asarray(mask.dataobj), quarter),
-             anat / f"sub-{n:02d}_desc-brain_mask.nii.gz")
+    """19 small heads and one file that is not an image."""
+    root = write_small_heads(tmp_path_factory.mktemp("study20"), IMAGES - 1)
     broken = root / f"sub-{IMAGES}/anat/sub-{IMAGES}_swi.nii.gz"
     broken.parent.mkdir(parents=True)
     broken.write_text("not an image\n")
@@ -51,15 +35,8 @@ def small_study(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dark_voxel_model(tmp_path_factory):
-    """One fold marking dark voxels (the microbleeds; the dark skull lies outside the brain
-    mask): a 1x1x1 convolution, so prediction costs next to nothing."""
-    K = keras_module("h5")
-    inputs = K.layers.Input((*BOX, 1))
-    outputs = K.layers.Conv3D(1, 1, activation="sigmoid", name="dark")(inputs)
-    model = K.Model(inputs, outputs)
-    model.get_layer("dark").set_weights([np.full((1, 1, 1, 1, 1), -40.0, np.float32),
-                                         np.array([40.0 * 0.15], np.float32)])
     folder = tmp_path_factory.mktemp("models") / "dark"
+    model = build_dark_voxel_detector(keras_module("h5"), input_shape=(*SMALL_HEADS_BOX, 1))
     return write_descriptor(folder, [save_fold(model, folder, "fold0", "h5")],
                             preprocessing="cmb-workflow-1")
 
@@ -68,7 +45,7 @@ def dark_voxel_model(tmp_path_factory):
 def config(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "array.yml"
     path.write_text(yaml.safe_dump({
-        "final_dimensions": list(BOX), "predict_batch_size": 8,
+        "final_dimensions": list(SMALL_HEADS_BOX), "predict_batch_size": 8,
         "slurm": {"memory": "1000M", "predict_memory": "1500M", "gpu": False,
                   "array_throttle": THROTTLE}}))
     return path
