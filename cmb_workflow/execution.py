@@ -19,6 +19,8 @@ from .slurm import SLURM_PLUGINS, SbatchArgs, cancel_jobs, prepare as prepare_sl
 LOGGER = logging.getLogger("cmb_workflow")
 # Seconds the workers get to end after SIGTERM before they are killed.
 WORKER_GRACE_SECONDS = 10
+# Seconds a shared RunLock waits for another shared holder to finish writing its name.
+SHARED_LOCK_WAIT_SECONDS = 5
 
 
 class Execution:
@@ -170,7 +172,8 @@ class RunLock:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            if self.shared and _try_lock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB):
+            # A shared holder holds it exclusively for the moment it writes its name.
+            if self.shared and _lock_within(handle, fcntl.LOCK_SH, SHARED_LOCK_WAIT_SECONDS):
                 # Other array tasks hold it; the file names the first of them.
                 self.handle = handle
                 return self
@@ -195,12 +198,16 @@ class RunLock:
         self.handle.close()
 
 
-def _try_lock(handle, operation: int) -> bool:
-    try:
-        fcntl.lockf(handle, operation)
-    except OSError:
-        return False
-    return True
+def _lock_within(handle, operation: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.lockf(handle, operation | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 class Interrupted(BaseException):

@@ -37,7 +37,6 @@ from .summary import (read_rows, record_rows, save_row, summarize, summary_rows,
                       write_dataset_description)
 
 LOGGER = logging.getLogger("cmb_workflow")
-PHASES = ("preprocess", "predict", "summary")
 # How `status` names the states of an image's row; pending ones are told apart with squeue.
 STATES = ("done", "failed", "skipped", "running", "pending", "unfinished")
 

@@ -138,6 +138,13 @@ def test_slurm_array_tasks_share_out_and_keep_an_ordinary_run_out(tmp_path):
     finally:
         run.kill()
         run.wait()
+    # Tasks starting together all get in, although the first holds it alone a moment.
+    racers = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from cmb_workflow.execution import RunLock\n"
+         "for _ in range(200):\n    with RunLock(Path(sys.argv[1]), shared=True): pass",
+         str(tmp_path)]) for _ in range(4)]
+    assert [racer.wait(timeout=120) for racer in racers] == [0] * 4
 
 
 def test_a_header_without_usable_geometry_is_refused(tmp_path):
