@@ -30,7 +30,8 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("--work-dir", metavar="DIR",
                         help="intermediate files; the same folder resumes a run (default OUT/work)")
     parser.add_argument("--plugin", help="Nipype plugin: Linear, MultiProc (default), SLURM, "
-                        "SLURMGraph, ... (SLURM settings: the config's slurm keys)")
+                        "SLURMGraph, ...; or slurm-array: job arrays, returns once they are "
+                        "queued (docs/slurm.md; SLURM settings: the config's slurm keys)")
     parser.add_argument("--nprocs", type=int, help="processes for MultiProc (default: all cores)")
     parser.add_argument("--threshold", type=float,
                         help="probability above which a voxel is lesion (default 0.5)")
@@ -95,6 +96,61 @@ def _run(args) -> int:
                      command_line=shlex.join(["cmb-workflow", *args.argv]))
 
 
+def _add_array_parsers(subparsers) -> None:
+    status = subparsers.add_parser(
+        "status", help="images of OUT done, failed, running or queued (SLURM job arrays)",
+        description="Count the images of OUT by state (done, failed, skipped, running, pending, "
+                    "unfinished), from their summary rows and squeue, and give each failure's "
+                    "reason.")
+    status.add_argument("out_dir", metavar="OUT")
+    status.set_defaults(handler=lambda args: _array().status(args.out_dir))
+    summarize = subparsers.add_parser(
+        "summarize", help="rebuild OUT's cmb_summary.tsv, qc.tsv and index.html",
+        description="Rebuild cmb_summary.tsv, qc.tsv and index.html of OUT from the summary rows "
+                    "every run and SLURM array task recorded (OUT/logs/rows).")
+    summarize.add_argument("out_dir", metavar="OUT")
+    summarize.set_defaults(handler=_summarize)
+    # Not listed (no help): what each task of a slurm-array submission runs.
+    task = subparsers.add_parser("run-task")
+    task.add_argument("plan", help="OUT/logs/array/<submission>/plan.json")
+    task.add_argument("phase", choices=("preprocess", "predict", "summary"))
+    task.add_argument("--index", type=int, help="task (default: $SLURM_ARRAY_TASK_ID)")
+    task.set_defaults(handler=_run_task)
+
+
+def _array():
+    from . import slurm_array
+
+    return slurm_array
+
+
+def _run_task(args) -> int:
+    import os
+
+    index = args.index
+    if index is None and args.phase != "summary":
+        index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    return _array().run_task(args.plan, args.phase, index)
+
+
+def _summarize(args) -> int:
+    from pathlib import Path
+
+    from .configs import ConfigError
+    from .execution import RunLock
+    from .summary import rows_dir, summarize
+
+    out_dir = Path(args.out_dir).resolve()
+    if not any(rows_dir(out_dir).glob("*.json")):
+        raise ConfigError(f"{out_dir}: no image recorded (OUT/logs/rows is empty); is this a "
+                          "cmb-workflow OUT?")
+    with RunLock(out_dir, out_dir / "logs", shared=True):
+        rows = summarize(out_dir)
+    print(f"{out_dir / 'cmb_summary.tsv'}: {len(rows)} image(s), "
+          f"{sum(row['status'] == 'ok' for row in rows)} done")
+    return 0
+
+
 # Subcommands whose module provides add_arguments(parser) and run_from_args(args): name, module,
 # summary. A module is imported only when its command is the one given, so --help stays fast.
 TOOLS = (
@@ -116,6 +172,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(subparsers)
+    _add_array_parsers(subparsers)
     for name, module, summary in TOOLS:
         tool_parser = subparsers.add_parser(name, help=summary,
                                             description=summary[0].upper() + summary[1:] + ".")

@@ -23,6 +23,8 @@ LOGGER = logging.getLogger("cmb_workflow")
 STILL_RUNNING_SECONDS = 30
 # Seconds the workers get to end after SIGTERM before they are killed.
 WORKER_GRACE_SECONDS = 10
+# Seconds a shared RunLock waits for another shared holder to finish writing its name.
+SHARED_LOCK_WAIT_SECONDS = 5
 
 
 class Execution:
@@ -164,8 +166,9 @@ def unit_name(fullname: str) -> str:
     return fullname.split(".")[1]
 
 
-def configure_nipype(crash_dir: Path, log_dir: Path) -> Path:
-    """Nipype's execution settings, and the run log (returned) that gets Nipype's lines."""
+def configure_nipype(crash_dir: Path, log_dir: Path, name: str = "cmb-workflow") -> Path:
+    """Nipype's execution settings, and the run log (returned, `name`_<time>.log) that gets
+    Nipype's lines."""
     from nipype import config as nipype_config, logging as nipype_logging
 
     nipype_config.update_config({
@@ -184,12 +187,12 @@ def configure_nipype(crash_dir: Path, log_dir: Path) -> Path:
     # A plain handler: Nipype's own log file uses a lock that forked MultiProc workers break.
     log_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_file = log_dir / f"cmb-workflow_{stamp}.log"
+    log_file = log_dir / f"{name}_{stamp}.log"
     # A second run started within the same second gets a log of its own.
     for repeat in itertools.count(2):
         if not log_file.exists():
             break
-        log_file = log_dir / f"cmb-workflow_{stamp}-{repeat}.log"
+        log_file = log_dir / f"{name}_{stamp}-{repeat}.log"
     # MultiProc workers log there too (worker_logging), when their forkserver starts now.
     os.environ["CMB_WORKFLOW_RUN_LOG"] = str(log_file)
     handler = logging.FileHandler(log_file)
@@ -212,7 +215,9 @@ class RunLockedError(ConfigError):
 
 
 class RunLock:
-    """An exclusive lock on a folder for the whole run, held through an open file.
+    """A lock on a folder for the whole run, held through an open file: exclusive, or shared
+    among the tasks of slurm-array jobs (each works on images of its own), which still keeps
+    an ordinary run out.
 
     The kernel drops a POSIX lock when its process ends, however it ends, so a killed run
     leaves nothing that blocks the next one; the file only says who held it last.
@@ -220,10 +225,11 @@ class RunLock:
 
     NAME = ".cmb-workflow.lock"
 
-    def __init__(self, folder: Path, lock_dir: Path | None = None):
+    def __init__(self, folder: Path, lock_dir: Path | None = None, *, shared: bool = False):
         """folder: what the lock guards; lock_dir: where its file lies (default: folder)."""
         self.folder = folder
         self.path = (lock_dir or folder) / self.NAME
+        self.shared = shared
         self.handle = None
 
     def __enter__(self):
@@ -232,6 +238,11 @@ class RunLock:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            # A shared holder holds it exclusively for the moment it writes its name.
+            if self.shared and _lock_within(handle, fcntl.LOCK_SH, SHARED_LOCK_WAIT_SECONDS):
+                # Other array tasks hold it; the file names the first of them.
+                self.handle = handle
+                return self
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
@@ -239,15 +250,30 @@ class RunLock:
                                  "to end or stop it (a killed run's lock is released at once)")
         handle.seek(0)
         handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()} "
+        handle.write(("SLURM array tasks (cmb-workflow status), the first " if self.shared
+                      else "") + f"process {os.getpid()} on {socket.gethostname()} "
                      f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
+        if self.shared:
+            fcntl.lockf(handle, fcntl.LOCK_SH)  # now that the file says who holds it
         self.handle = handle
         return self
 
     def __exit__(self, *exc_info):
         # Closing releases the lock; the file stays so that a reader never races its removal.
         self.handle.close()
+
+
+def _lock_within(handle, operation: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.lockf(handle, operation | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 class Interrupted(BaseException):

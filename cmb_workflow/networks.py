@@ -126,6 +126,21 @@ def _box_mean_along(t, size=3, axis=1):
     return window_sums(t) / window_sums(tf.ones_like(t))
 
 
+def build_dark_voxel_detector(K, *, input_shape=INPUT_SHAPE, gain: float = 40.0,
+                              max_darkness: float = 0.15, name: str = "dark_voxel_detector"):
+    """Probability = sigmoid(gain*(max_darkness - voxel)): one 1x1x1 convolution, for tests of
+    a pipeline's mechanics on many images, where prediction must cost next to nothing. Within
+    the brain mask (the probability outside it is zeroed) the dark voxels are the blobs."""
+    import numpy as np
+
+    inputs = K.layers.Input(input_shape)
+    outputs = K.layers.Conv3D(1, 1, activation="sigmoid", name="dark")(inputs)
+    model = K.Model(inputs, outputs, name=name)
+    model.get_layer("dark").set_weights([np.full((1, 1, 1, 1, 1), -gain, np.float32),
+                                         np.array([gain * max_darkness], np.float32)])
+    return model
+
+
 def save_fold(model, folder: Path, name: str, fmt: str) -> Path:
     """Write one fold: `name`.h5 (tf_keras model) or `name`.tf_inference/ (Keras 3 export)."""
     folder.mkdir(parents=True, exist_ok=True)

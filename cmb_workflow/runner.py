@@ -1,5 +1,6 @@
 """Run the study: find images, run the graphs (preprocessing, then batched prediction and
-post-processing), and write the summary."""
+post-processing), and write the summary; or, with the slurm-array plugin, submit them as job
+arrays (slurm_array.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .bids import find_images
-from .configs import ConfigError, Settings, save_settings
+from .configs import ConfigError, Settings, results_digest, save_settings
 from .execution import (Execution, Interrupted, RunLock, configure_nipype, raise_on_signals,
                         stop_children)
 from .models import read_descriptor, verify
 from .preprocessing import MASK_INPUT
 from .registry import model_provenance
+from .slurm import ARRAY_PLUGIN
 from .summary import write_dataset_description, write_summary
 
 LOGGER = logging.getLogger("cmb_workflow")
@@ -25,7 +27,8 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
     """Process every image; returns 0 when all succeeded, 1 when some failed or were skipped.
 
     command_line: how the run was started, recorded in the reports. SIGTERM or SIGINT stops
-    the workers, leaves the work folder resumable and raises Interrupted."""
+    the workers, leaves the work folder resumable and raises Interrupted. With the
+    slurm-array plugin it returns once the jobs are queued (slurm_array.submit)."""
     in_dir, out_dir = Path(in_dir).resolve(), Path(out_dir).resolve()
     work_dir = Path(config.work_dir or out_dir / "work").resolve()
     check_folders(in_dir, out_dir, work_dir)
@@ -44,11 +47,15 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
                                  participant_label=config.participant_label,
                                  session_label=config.session_label, echo=config.echo,
                                  masks_dir=config.masks_dir)
+    if config.plugin == ARRAY_PLUGIN:
+        from .slurm_array import submit
+
+        return submit(jobs, rejected, out_dir, work_dir, models, config, command_line)
     labels = {job.node_name: job.prefix for job in jobs}
     # Before OUT exists: a cluster that refuses the jobs leaves nothing behind.
     execution = Execution(config, out_dir / "logs" / "slurm", labels)
-    _make_folder(out_dir)
-    _make_folder(work_dir)
+    make_folder(out_dir)
+    make_folder(work_dir)
     restore_signals = raise_on_signals()
     try:
         # The workers are stopped before the locks are released.
@@ -106,7 +113,7 @@ def check_folders(in_dir: Path, out_dir: Path, work_dir: Path) -> None:
                               "another one")
 
 
-def _make_folder(folder: Path) -> None:
+def make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".cmb-workflow-write-test"
@@ -150,7 +157,8 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
                                                 execution.predict_plugin_args, command_line),
                           ("prediction and results", "write_derivatives", len(prepared)))
 
-    rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of, config.models)
+    rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of, config.models,
+                         results_digest(config))
     failed = [row for row in rows if row["status"] != "ok"]
     for row in failed:
         LOGGER.error("%s %s: %s", row["status"].upper(), row["source"], row["message"])

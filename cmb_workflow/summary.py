@@ -1,13 +1,20 @@
-"""The study's summary: why images failed (from Nipype's crash files), cmb_summary.tsv, qc.tsv,
-index.html and dataset_description.json."""
+"""The study's summary: why images failed (from Nipype's crash files), each image's summary row
+(OUT/logs/rows), and cmb_summary.tsv, qc.tsv, index.html and dataset_description.json.
+
+Every run, or slurm-array task, records the rows of the images it processed, one file per image;
+the summary files are rebuilt from all of them, so runs sharing one OUT add to the summary
+rather than overwrite it.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from . import __version__
@@ -36,15 +43,12 @@ QC_COLUMNS = ("subject", "session", "run", "source", *QC_METRICS, "qc_flags")
 
 
 def write_summary(out_dir: Path, jobs, rejected, crash_dir: Path, prepared: dict,
-                  batch_of: dict[str, str], model_descriptor) -> list[dict]:
-    """cmb_summary.tsv, qc.tsv and index.html of the run; returns the summary rows."""
-    rows, qc_rows = summary_rows(jobs, rejected, out_dir, crash_reasons(crash_dir), prepared,
-                                 batch_of)
-    write_tsv(out_dir / "cmb_summary.tsv", rows, SUMMARY_COLUMNS)
-    write_tsv(out_dir / "qc.tsv", qc_rows, QC_COLUMNS)
-    from .reporting import write_index
-
-    write_index(out_dir, rows, SUMMARY_COLUMNS, model_descriptor)
+                  batch_of: dict[str, str], model_descriptor, digest: str) -> list[dict]:
+    """Record the run's rows (record_rows), then rebuild cmb_summary.tsv, qc.tsv and index.html
+    from every image's (summarize); returns the run's own rows."""
+    rows = record_rows(out_dir, jobs, rejected, crash_dir, prepared, batch_of, model_descriptor,
+                       digest)
+    summarize(out_dir)
     return rows
 
 
@@ -159,3 +163,64 @@ def write_tsv(path: Path, rows: list[dict], columns) -> None:
     lines = ["\t".join(columns)]
     lines += ["\t".join(cell(row.get(column, "")) for column in columns) for row in rows]
     write_text_atomic("\n".join(lines) + "\n", path)
+
+
+def record_rows(out_dir: Path, jobs, rejected, crash_dir: Path, prepared: dict,
+                batch_of: dict[str, str], model_descriptor, digest: str,
+                submission: str = "") -> list[dict]:
+    """Save the summary row (and qc.tsv row) of each image of `jobs` and `rejected` under
+    OUT/logs/rows; returns the rows. digest: configs.results_digest of the settings;
+    submission: the slurm-array submission that made them."""
+    rows, qc_rows = summary_rows(jobs, rejected, out_dir, crash_reasons(crash_dir), prepared,
+                                 batch_of)
+    qc_of = {qc["source"]: qc for qc in qc_rows}
+    # summary_rows gives the images' rows in the order of jobs, then rejected.
+    names = [(job.node_name, False) for job in jobs]
+    names += [(rejected_key(skipped.source), True) for skipped in rejected]
+    for (key, is_rejected), row in zip(names, rows):
+        save_row(out_dir, key, row, qc_of.get(row["source"]), model_descriptor, digest,
+                 submission, rejected=is_rejected)
+    return rows
+
+
+def rejected_key(source) -> str:
+    """A rejected file's row name: it has no usable entities, so a hash of its path."""
+    return "rejected_" + hashlib.sha1(str(source).encode()).hexdigest()[:16]
+
+
+def rows_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "logs" / "rows"
+
+
+def save_row(out_dir: Path, key: str, row: dict, qc: dict | None, model_descriptor,
+             digest: str, submission: str, *, rejected: bool = False) -> None:
+    """OUT/logs/rows/<key>.json, written whole (temporary name, then renamed)."""
+    record = {"row": row, "qc": qc, "rejected": rejected, "model": str(model_descriptor),
+              "digest": digest, "submission": submission}
+    write_text_atomic(json.dumps(record, indent=1) + "\n", rows_dir(out_dir) / f"{key}.json")
+    if not rejected:  # a file rejected by an earlier run that is now processed
+        (rows_dir(out_dir) / f"{rejected_key(row['source'])}.json").unlink(missing_ok=True)
+
+
+def read_rows(out_dir: Path) -> dict[str, dict]:
+    """Row name -> record, as save_row wrote them."""
+    return {path.stem: json.loads(path.read_text())
+            for path in sorted(rows_dir(out_dir).glob("*.json"))}
+
+
+def summarize(out_dir: Path) -> list[dict]:
+    """cmb_summary.tsv, qc.tsv and index.html from every image's recorded row: the same files
+    whichever run, task or order made the rows. Returns the rows."""
+    records = sorted(read_rows(out_dir).values(),
+                     key=lambda record: (record["rejected"], Path(record["row"]["source"])))
+    rows = [record["row"] for record in records]
+    write_tsv(out_dir / "cmb_summary.tsv", rows, SUMMARY_COLUMNS)
+    write_tsv(out_dir / "qc.tsv", [record["qc"] for record in records if record["qc"]],
+              QC_COLUMNS)
+    from .reporting import write_index
+
+    # The index names one model: the one most images were processed with.
+    models = Counter(record["model"] for record in records)
+    if models:
+        write_index(out_dir, rows, SUMMARY_COLUMNS, models.most_common(1)[0][0])
+    return rows

@@ -47,15 +47,14 @@ def multiproc_run(study, h5_models, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A one-node SLURM cluster of real slurmctld, slurmd and munged, with SLURM_CONF set."""
+def running_cluster(cpus=None):
+    """A started OneNodeCluster with SLURM_CONF set, for a fixture to yield from."""
     reason = missing_reason()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must run the SLURM tests")
         pytest.skip(reason)
-    cluster = OneNodeCluster()
+    cluster = OneNodeCluster(cpus)
     try:
         cluster.start()
     except BaseException:
@@ -69,3 +68,16 @@ def slurm_cluster():
     else:
         os.environ["SLURM_CONF"] = previous
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM cluster of real slurmctld, slurmd and munged, with SLURM_CONF set."""
+    yield from running_cluster()
+
+
+@pytest.fixture(scope="module")
+def wide_slurm_cluster():
+    """The same with 6 CPUs whatever the machine has: a job array's throttle, not the node,
+    limits the tasks running at once (they share the machine's cores)."""
+    yield from running_cluster(cpus=6)

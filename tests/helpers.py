@@ -81,6 +81,27 @@ def write_study(root: Path) -> Path:
     return root
 
 
+def write_small_heads(root: Path, count: int) -> Path:
+    """sub-01 .. sub-<count>: quarter-size heads (about 31 x 40 x 30 mm) with their brain masks,
+    for tests of the workflow's mechanics on many images: each takes about a second, not half
+    a minute. The template registration fails on them (registration_failure), which a
+    supplied mask allows."""
+    shape = (48, 60, 48)
+    drawn = grid_affine((3.5, 3.5, 3.5), shape)
+    quarter = grid_affine((0.875, 0.875, 0.875), shape, centre=(0, 1.25, 2.5))
+    for n in range(1, count + 1):
+        image, mask = make_head(shape, drawn, [(10, 10 * (n % 3), 10)], seed=n)
+        anat = root / f"sub-{n:02d}/anat"
+        save(nib.Nifti1Image(np.asarray(image.dataobj), quarter), anat / f"sub-{n:02d}_swi.nii.gz")
+        save(nib.Nifti1Image(np.asarray(mask.dataobj), quarter),
+             anat / f"sub-{n:02d}_desc-brain_mask.nii.gz")
+    return root
+
+
+# The model input box of write_small_heads's images (networks.build_dark_voxel_detector).
+SMALL_HEADS_BOX = (40, 48, 40)
+
+
 def read_tsv(path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle, delimiter="\t"))

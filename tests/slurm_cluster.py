@@ -44,7 +44,9 @@ def _free_port() -> int:
 
 
 class OneNodeCluster:
-    def __init__(self):
+    def __init__(self, cpus: int | None = None):
+        """cpus: the node's CPUs (default: the machine's); more than the machine has lets
+        more jobs run at once than it has cores."""
         # munged wants every folder above its socket searchable by all: not pytest's tmp_path.
         self.root = Path(tempfile.mkdtemp(prefix="cmb-slurm-", dir="/tmp"))
         self.root.chmod(0o755)
@@ -52,6 +54,7 @@ class OneNodeCluster:
         self.ctld_log = self.root / "slurmctld.log"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._pid_files = []
+        self.cpus = cpus or os.cpu_count() or 1
 
     def start(self) -> None:
         root = self.root
@@ -63,7 +66,6 @@ class OneNodeCluster:
                       f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
                       f"--seed-file={root / 'munged.seed'}"], root / "munged.pid")
         host = socket.gethostname().split(".")[0]
-        cpus = os.cpu_count() or 1
         memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
         (root / "state").mkdir()
         (root / "spool").mkdir()
@@ -97,7 +99,10 @@ class OneNodeCluster:
             # The tests read finished jobs' fields; a slow machine takes longer than the
             # default 5 minutes to get there.
             "MinJobAge=86400",
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
+            # slurmd takes the CPUs from here, not from the hardware (cpus above).
+            "SlurmdParameters=config_overrides",
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb} "
+            "State=UNKNOWN",
             f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
         self._daemon([_which("slurmctld")], root / "slurmctld.pid")

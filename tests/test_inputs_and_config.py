@@ -86,6 +86,7 @@ def test_config_layers_and_unknown_keys(tmp_path):
     ("participant_label", "01", "a list of labels"),
     ("qc.brain_volume_ml", [2200, 800], r"\[low, high\], two numbers with low <= high"),
     ("slurm.cpus", 0, "a whole number at least 1"),
+    ("slurm.array_throttle", 0, "a whole number at least 1"),
     ("input_limits.max_fov_mm", "big", "a number at least 1"),
     ("report.orientation", "upside-down", "one of radiological, neurological"),
 ])
@@ -110,7 +111,9 @@ def test_relative_paths_resolve_against_the_working_folder_or_the_yaml_folder(tm
 
 def test_saved_settings_read_back_as_the_same_settings(tmp_path):
     config = load_config(overrides={"threshold": 0.7, "participant_label": ["01", "02"],
-                                    "slurm": {"cpus": 4}})
+                                    "plugin": "slurm-array",
+                                    "slurm": {"cpus": 4, "task_command": "apptainer exec x.sif"
+                                              " cmb-workflow"}})
     saved = save_settings(config, tmp_path / "settings.yml")
     assert "# probability strictly above this is lesion\nthreshold: 0.7\n" in saved.read_text()
     assert load_config(saved) == config

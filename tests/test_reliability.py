@@ -91,14 +91,21 @@ def test_malformed_descriptors_are_refused_in_one_line(tmp_path, content, proble
         read_descriptor(descriptor)
 
 
-def test_a_second_run_on_the_same_out_stops_at_once_naming_the_holder(tmp_path):
+def lock_holder(folder: Path, shared: bool = False) -> subprocess.Popen:
+    """Another process holding RunLock(folder) (locks do not conflict within one process)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from cmb_workflow.execution import RunLock\n"
-         "with RunLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
-         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+         f"with RunLock(Path(sys.argv[1]), shared={shared}):\n"
+         "    print('locked', flush=True); time.sleep(60)",
+         str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_on_the_same_out_stops_at_once_naming_the_holder(tmp_path):
+    holder = lock_holder(tmp_path)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=f"in use by process {holder.pid} on "):
             with RunLock(tmp_path):
                 pass
@@ -109,6 +116,35 @@ def test_a_second_run_on_the_same_out_stops_at_once_naming_the_holder(tmp_path):
     assert (tmp_path / RunLock.NAME).exists()
     with RunLock(tmp_path):
         pass
+
+
+def test_slurm_array_tasks_share_out_and_keep_an_ordinary_run_out(tmp_path):
+    task = lock_holder(tmp_path, shared=True)
+    try:
+        with RunLock(tmp_path, shared=True):  # another task
+            pass
+        with pytest.raises(RunLockedError, match=f"in use by SLURM array tasks .*process "
+                                                 f"{task.pid} on "):
+            with RunLock(tmp_path):
+                pass
+    finally:
+        task.kill()
+        task.wait()
+    run = lock_holder(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=f"in use by process {run.pid} on "):
+            with RunLock(tmp_path, shared=True):
+                pass
+    finally:
+        run.kill()
+        run.wait()
+    # Tasks starting together all get in, although the first holds it alone a moment.
+    racers = [subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from cmb_workflow.execution import RunLock\n"
+         "for _ in range(200):\n    with RunLock(Path(sys.argv[1]), shared=True): pass",
+         str(tmp_path)]) for _ in range(4)]
+    assert [racer.wait(timeout=120) for racer in racers] == [0] * 4
 
 
 def test_a_header_without_usable_geometry_is_refused(tmp_path):

@@ -39,7 +39,8 @@ def _section(cls):
 
 @dataclass(frozen=True)
 class SlurmSettings:
-    """sbatch settings of the SLURM and SLURMGraph plugins (None: the cluster's default)."""
+    """sbatch settings of the SLURM, SLURMGraph and slurm-array plugins (None: the cluster's
+    default)."""
 
     partition: str | None = setting(None, "partition of every job", kind="str", optional=True)
     account: str | None = setting(None, "account charged for every job", kind="str",
@@ -57,6 +58,11 @@ class SlurmSettings:
     gpu: bool = setting(True, "prediction jobs ask for a GPU with gpu_sbatch_args")
     gpu_sbatch_args: str = setting("--gres=gpu:1", "how a prediction job asks for a GPU")
     extra_sbatch_args: str = setting("", "added to every sbatch call as written, e.g. --qos=long")
+    array_throttle: int = setting(50, "slurm-array: tasks of one job array running at once "
+                                  "(sbatch --array=...%N)", minimum=1)
+    task_command: str = setting("", "slurm-array: the command a task runs for cmb-workflow, e.g. "
+                                "'apptainer exec --nv cmb-workflow.sif cmb-workflow'; empty: "
+                                "this Python's cmb-workflow")
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,8 @@ class Settings:
                                    "None: OUT/work", kind="path", optional=True)
     clean_work: bool = setting(False, "after a run in which every image succeeded, delete what "
                                "it kept in the work folder (a re-run then recomputes everything)")
-    plugin: str = setting("MultiProc", "Nipype plugin: Linear, MultiProc, SLURM, SLURMGraph")
+    plugin: str = setting("MultiProc", "Nipype plugin: Linear, MultiProc, SLURM, SLURMGraph; or "
+                          "slurm-array (job arrays, returns once submitted; docs/slurm.md)")
     nprocs: int | None = setting(None, "MultiProc processes; None: all cores", kind="int",
                                  minimum=1, optional=True)
     memory_gb: float | None = setting(None, "MultiProc memory budget, GB; None: Nipype's "
@@ -334,6 +341,11 @@ def _bounds(meta: dict) -> str:
 
 def _check_plugin(name: str) -> None:
     from nipype.pipeline import plugins
+
+    from ..slurm import ARRAY_PLUGIN
+
+    if name == ARRAY_PLUGIN:
+        return
     from nipype.pipeline.plugins.base import GraphPluginBase
 
     plugin_class = getattr(plugins, f"{name}Plugin", None)
@@ -343,6 +355,23 @@ def _check_plugin(name: str) -> None:
     if issubclass(plugin_class, GraphPluginBase) and name != "SLURMGraph":
         raise ConfigError(f"plugin {name!r} returns before its jobs have run; use SLURMGraph, "
                           "SLURM, MultiProc or another plugin that waits")
+
+
+# Settings that change how a run executes, not its results.
+EXECUTION_SETTINGS = ("allow_unverified_models", "participant_label", "session_label", "work_dir",
+                      "plugin", "nprocs", "memory_gb", "predict_memory_gb", "predict_batch_size",
+                      "slurm")
+
+
+def results_digest(settings: Settings) -> str:
+    """A fingerprint of the settings that decide an image's results: an image done with the
+    same digest need not run again (slurm-array resubmission)."""
+    import hashlib
+    import json
+
+    values = {key: value for key, value in settings.as_dict().items()
+              if key not in EXECUTION_SETTINGS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_settings(settings: Settings, path) -> Path:
