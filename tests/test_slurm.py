@@ -34,9 +34,10 @@ def test_run_through_slurm_matches_multiproc(study, h5_models, multiproc_run, sl
                 for p in (out / "logs" / "slurm").glob("slurm-*.out")}
     assert job_logs == ran
     # Per image conform, register_template (the regions need it also with a supplied mask),
-    # brain_mask, crop, normalize, lesions, regions, to_native, qc and report; one prediction
-    # job for the batch of three. Handoff and write_derivatives run in the CLI's own process.
-    assert len(ran) == 3 * 10 + 1
+    # brain_mask, crop, normalize, lesions, mimics, regions, to_native, qc and report; one
+    # prediction job for the batch of three. Handoff and write_derivatives run in the CLI's own
+    # process.
+    assert len(ran) == 3 * 11 + 1
     jobs = slurm_cluster.jobs()
     memory = {jobs[job]["JobName"].rsplit(".", 1)[0]: jobs[job]["MinMemoryNode"] for job in ran}
     assert memory.pop("predict.batch_0000.predict") == "2500M"
