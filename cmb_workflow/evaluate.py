@@ -332,9 +332,10 @@ def _read_label_image(path: Path, split_binary: bool) -> LabelImage:
     return LabelImage(path, labels, image.affine, ids, voxel_counts, lesions)
 
 
-def _read_results_tsv(path: Path, with_peaks: bool) -> tuple[np.ndarray, LesionSet, np.ndarray]:
-    """Return the labels, lesions and (with_peaks; else NaN) max_prob of a pipeline lesion
-    table."""
+def _read_results_tsv(path: Path, with_peaks: bool, with_mimics: bool = False
+                      ) -> tuple[np.ndarray, LesionSet, np.ndarray, np.ndarray | None]:
+    """Return the labels, lesions, (with_peaks; else NaN) max_prob and (with_mimics; else None)
+    likely_mimic as booleans of a pipeline lesion table."""
     columns = RESULTS_COLUMNS + (("max_prob",) if with_peaks else ())
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
@@ -346,6 +347,9 @@ def _read_results_tsv(path: Path, with_peaks: bool) -> tuple[np.ndarray, LesionS
         missing = [name for name in columns if name not in reader.fieldnames]
         if missing:
             raise EvaluationInputError(f"{path}: missing column(s) {', '.join(missing)}")
+        if with_mimics and "likely_mimic" not in reader.fieldnames:
+            raise EvaluationInputError(f"{path}: missing column likely_mimic (needed to drop "
+                                       "the likely mimics)")
         rows = list(reader)
     values = np.zeros((len(rows), len(columns)))
     for index, row in enumerate(rows):
@@ -360,7 +364,9 @@ def _read_results_tsv(path: Path, with_peaks: bool) -> tuple[np.ndarray, LesionS
         raise EvaluationInputError(f"{path}: non-finite value or negative volume_mm3")
     peaks = values[:, 5] if with_peaks else np.full(len(rows), math.nan)
     lesions = LesionSet(values[:, 1:4], _equivalent_diameter(values[:, 4]))
-    return values[:, 0].astype(int), lesions, peaks
+    mimics = np.array([row["likely_mimic"] == "yes" for row in rows], dtype=bool) \
+        if with_mimics else None
+    return values[:, 0].astype(int), lesions, peaks, mimics
 
 
 def _load_truth(key: str, files: dict[str, Path]) -> Truth:
@@ -371,35 +377,27 @@ def _load_truth(key: str, files: dict[str, Path]) -> Truth:
     return Truth(key, "unknown", image.lesions, image.path, image)
 
 
-def _likely_mimics(path: Path) -> np.ndarray:
-    """The likely_mimic column of a pipeline lesion table, as booleans."""
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    if rows and "likely_mimic" not in rows[0]:
-        raise EvaluationInputError(f"{path}: missing column likely_mimic (needed to drop the "
-                                   "likely mimics)")
-    return np.array([row["likely_mimic"] == "yes" for row in rows], dtype=bool)
-
-
 def _load_result(key: str, tsv: Path, dseg: Path | None, min_peak_probability: float,
-                 drop_likely_mimics: bool = False) -> Result:
-    labels, lesions, peaks = _read_results_tsv(tsv, with_peaks=min_peak_probability > 0)
+                 drop_likely_mimics: bool = False) -> dict[str, Result]:
+    """The result of each variant: "" (every lesion at the detection threshold) and, with
+    drop_likely_mimics, "_no_mimics"; the files are read once."""
+    labels, lesions, peaks, mimics = _read_results_tsv(
+        tsv, with_peaks=min_peak_probability > 0, with_mimics=drop_likely_mimics)
     image = None
     if dseg is not None:
         # Labels 1..N are the pipeline's lesion ids: keep them, never re-split.
         image = _read_label_image(dseg, split_binary=False)
         if set(image.ids.tolist()) != set(labels.tolist()):
             warnings.warn(f"{dseg}: its labels differ from those in {tsv}", stacklevel=2)
-    kept = np.ones(len(labels), dtype=bool)
-    if min_peak_probability > 0:
-        kept &= peaks >= min_peak_probability
+    confident = peaks >= min_peak_probability if min_peak_probability > 0 \
+        else np.ones(len(labels), dtype=bool)
+    variants = {"": confident}
     if drop_likely_mimics:
-        kept &= ~_likely_mimics(tsv)
-    if not kept.all():
-        lesions = _subset(lesions, kept)
-        if image is not None:
-            image = _kept_labels(image, labels[kept])
-    return Result(key, lesions, image)
+        variants["_no_mimics"] = confident & ~mimics
+    return {suffix: Result(key, _subset(lesions, kept) if not kept.all() else lesions,
+                           _kept_labels(image, labels[kept])
+                           if image is not None and not kept.all() else image)
+            for suffix, kept in variants.items()}
 
 
 def _subset(lesions: LesionSet, kept: np.ndarray) -> LesionSet:
@@ -820,17 +818,18 @@ def evaluate(
     if not result_files:
         raise EvaluationInputError(f"{results_dir}: no *_desc-cmb_lesions.tsv found")
 
-    variants = {"": False, **({"_no_mimics": True} if drop_likely_mimics else {})}
+    variants = ("", "_no_mimics") if drop_likely_mimics else ("",)
     outcomes: dict[str, list[Outcome]] = {
         f"{view}{suffix}": [] for suffix in variants for view in ("distance", "overlap")}
     for key in sorted(truth_files):
         truth = _load_truth(key, truth_files[key])
-        for suffix, drop in variants.items():
-            result = (
-                _load_result(key, *result_files[key], min_peak_probability, drop)
-                if key in result_files
-                else None
-            )
+        results = (
+            _load_result(key, *result_files[key], min_peak_probability, drop_likely_mimics)
+            if key in result_files
+            else {}
+        )
+        for suffix in variants:
+            result = results.get(suffix)
             outcomes[f"distance{suffix}"].append(
                 _distance_outcome(truth, result, match_distance_mm, min_diameter_mm)
             )

@@ -135,7 +135,7 @@ def _features(image, lesion, brain, spacing, tissue_median) -> dict:
         "sphericity": round(float(np.sqrt(eigenvalues[2] / eigenvalues[0])), 2),
         "vesselness": round(vesselness, 3),
         "tube_continues": "yes" if beyond >= CONTINUES_MM else "no",
-        "one_sided": round(_one_sided(image, shell_in_brain, distance, core, spacing, lesion), 3),
+        "one_sided": round(_one_sided(image, shell_in_brain, core, centre, spacing), 3),
         "dark_volume_mm3": round(float(dark.sum() * np.prod(spacing)), 1),
         "dist_csf_mm": _distance_to(csf, lesion, spacing),
         "dist_surface_mm": _distance_to(~brain, lesion, spacing),
@@ -168,11 +168,10 @@ def _inertia(points_mm, spacing):
     return eigenvalues[::-1], axes[:, ::-1]
 
 
-def _one_sided(image, shell, distance, core, spacing, lesion) -> float:
+def _one_sided(image, shell, core, centre_mm, spacing) -> float:
     """1 when some side of the surroundings is no brighter than the lesion (an edge or a tube
     through it), 0 when the lesion is darker than its surroundings all round."""
-    centre = np.argwhere(lesion).mean(axis=0)
-    offsets = (np.argwhere(shell) - centre) * spacing
+    offsets = np.argwhere(shell) * spacing - centre_mm
     sector = np.argmax(offsets @ _DIRECTIONS.T, axis=1)
     values = image[shell]
     contrasts = np.array([np.median(values[sector == k]) - core
