@@ -145,8 +145,7 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
 
         execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir), str(work_dir)),
                       ("preprocessing", "handoff", len(jobs)))
-        prepared = {job.node_name: json.loads(record.read_text()) for job in jobs
-                    if (record := handoff_dir / f"{job.node_name}.json").exists()}
+        prepared = read_handoffs(handoff_dir, jobs)
         batches = _batches(jobs, prepared, config.predict_batch_size)
         for name, batch in batches.items():
             labels[name] = ", ".join(job.prefix for job in batch)
@@ -165,6 +164,12 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
     LOGGER.info("%d image(s) processed, %d failed or skipped; summary: %s; log: %s",
                 len(rows) - len(failed), len(failed), out_dir / "cmb_summary.tsv", log_file)
     return 1 if failed else 0
+
+
+def read_handoffs(handoff_dir: Path, jobs) -> dict[str, dict]:
+    """node name -> Handoff record, for the images whose preprocessing wrote one."""
+    return {job.node_name: json.loads(record.read_text()) for job in jobs
+            if (record := handoff_dir / f"{job.node_name}.json").exists()}
 
 
 def _batches(jobs, prepared: dict, size: int) -> dict[str, list]:

@@ -31,7 +31,7 @@ from .bids import ImageJob
 from .configs import ConfigError, load_config, results_digest, save_settings
 from .execution import Execution, RunLock, configure_nipype
 from .imageops import write_text_atomic
-from .runner import make_folder
+from .runner import make_folder, read_handoffs
 from .slurm import SbatchArgs, cancel_jobs, prepare as prepare_slurm, queue, submit as sbatch
 from .summary import (read_rows, record_rows, save_row, summarize, summary_rows,
                       write_dataset_description)
@@ -167,13 +167,12 @@ def run_task(plan_file, phase: str, index: int | None) -> int:
             job = images[index]
             Execution(task_config, plan_dir, {job.node_name: job.prefix}).run(
                 init_preprocess_study_wf([job], config, str(handoff_dir), str(work_dir)))
-            if (handoff_dir / f"{job.node_name}.json").exists():
+            if read_handoffs(handoff_dir, [job]):
                 return 0  # its row comes with its prediction
             done, prepared, batch_of = [job], {}, {}
         else:
             batch = [images[i] for i in plan["batches"][index]]
-            prepared = {job.node_name: json.loads(record.read_text()) for job in batch
-                        if (record := handoff_dir / f"{job.node_name}.json").exists()}
+            prepared = read_handoffs(handoff_dir, batch)
             # The others failed in preprocessing, and have their row from that task.
             done = [job for job in batch if job.node_name in prepared]
             if not done:
