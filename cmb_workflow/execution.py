@@ -63,8 +63,8 @@ class Execution:
             return None
         return {"sbatch_args": self.sbatch.predict, "overwrite": True}
 
-    def run(self, workflow, phase: tuple[str, str, int] | None = None) -> None:
-        """phase: its name, the last step of each image and the number of images, for the
+    def run(self, workflow, phase: tuple | None = None) -> None:
+        """phase: its name, the last step of each image and the images' node names, for the
         progress lines."""
         progress = self.args.get("status_callback")
         if phase and progress:
@@ -98,9 +98,10 @@ class Progress:
         self.running: dict[str, tuple[str, float]] = {}  # node -> (its line's label, start)
         self.lock = threading.Lock()
 
-    def start_phase(self, name: str, last_step: str, images: int) -> None:
-        """A graph whose images each end with `last_step` (or their first failure) begins."""
-        self.phase = {"name": name, "last_step": last_step, "images": images,
+    def start_phase(self, name: str, last_step: str, images) -> None:
+        """A graph begins whose `images` (node names) each end with `last_step` or their first
+        failure."""
+        self.phase = {"name": name, "last_step": last_step, "images": set(images),
                       "ended": set(), "started": time.monotonic()}
 
     def __call__(self, node, status: str) -> None:
@@ -119,11 +120,10 @@ class Progress:
         else:
             return
         phase = self.phase
-        if phase and unit not in phase["ended"] and unit in self.labels and \
-                not unit.startswith("batch_") and \
+        if phase and unit in phase["images"] - phase["ended"] and \
                 (status == "exception" or node.name == phase["last_step"]):
             phase["ended"].add(unit)
-            done, total = len(phase["ended"]), phase["images"]
+            done, total = len(phase["ended"]), len(phase["images"])
             elapsed = time.monotonic() - phase["started"]
             left = f", about {_minutes(elapsed / done * (total - done))} left" \
                 if done < total else ""

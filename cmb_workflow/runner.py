@@ -144,7 +144,7 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
         from .workflow.base import init_predict_study_wf, init_preprocess_study_wf
 
         execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir), str(work_dir)),
-                      ("preprocessing", "handoff", len(jobs)))
+                      ("preprocessing", "handoff", labels))
         prepared = read_handoffs(handoff_dir, jobs)
         batches = _batches(jobs, prepared, config.predict_batch_size)
         for name, batch in batches.items():
@@ -154,7 +154,7 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
             execution.run(init_predict_study_wf(batches, prepared, config, models[0],
                                                 str(out_dir), str(work_dir),
                                                 execution.predict_plugin_args, command_line),
-                          ("prediction and results", "write_derivatives", len(prepared)))
+                          ("prediction and results", "write_derivatives", prepared))
 
     rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of, config.models,
                          results_digest(config))
