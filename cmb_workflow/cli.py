@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from . import __version__
+from .configs import PRECISIONS
 
 
 def _add_run_parser(subparsers) -> None:
@@ -60,6 +61,9 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("--save-model-input", action="store_true", default=None,
                         help="also write the exact array given to the model and its mask "
                              "(desc-modelinput), to check what the model saw")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="CPU prediction arithmetic (default auto: bfloat16 only where the "
+                             "CPU computes it natively and it finds float32's lesions)")
     parser.add_argument("--drop-likely-mimics", action="store_true", default=None,
                         help="remove lesions that look like veins, edges or dark nuclei "
                              "(mimic_score >= 0.5) from the maps, tables and counts")
@@ -83,7 +87,7 @@ def _run(args) -> int:
         "models", "work_dir", "plugin", "nprocs", "threshold", "min_peak_probability",
         "participant_label", "session_label", "input_type", "masks_dir", "brain_mask",
         "brain_mask_model", "echo", "allow_unverified_models", "preprocessing",
-        "save_model_input", "drop_likely_mimics", "clean_work")}
+        "save_model_input", "drop_likely_mimics", "clean_work", "precision")}
     config = load_config(args.config, overrides)
     if not config.models:
         from .demo import demo_model_descriptor

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .configs import PRECISIONS
 from .preprocessing import CONVENTIONS
 
 LOGGER = logging.getLogger("cmb_workflow.models")
@@ -32,6 +33,9 @@ TARGETS = {"cmb": "CMB", "brain_mask": "brain mask"}
 
 # No model file of an ensemble is near this; a larger one is refused before it is read.
 MAX_MODEL_FILE_BYTES = 4 << 30
+
+# /proc/cpuinfo flags of native bfloat16 arithmetic (recent Xeons and EPYCs).
+NATIVE_BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 class ModelError(RuntimeError):
@@ -288,6 +292,57 @@ def _load_savedmodel(path: Path):
     return predict
 
 
+def bfloat16_candidate(requested: str) -> tuple[bool, str]:
+    """Whether `requested` precision makes bfloat16 worth a check run here, and why (or why not).
+
+    bfloat16 reaches the models through TensorFlow's oneDNN graph rewrite, which works for both
+    formats (a SavedModel's dtypes are fixed at export, so a Keras policy cannot change them)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if requested == "float32":
+        return False, "float32 was asked for"
+    tf = import_tensorflow()
+    if tf.config.list_physical_devices("GPU"):
+        return False, "prediction runs on the GPU (the precision setting is for CPUs)"
+    try:  # TensorFlow says whether oneDNN is on only through this private module
+        from tensorflow.python.util._pywrap_util_port import IsMklEnabled as onednn_enabled
+    except ImportError:
+        return False, "this TensorFlow does not tell whether its oneDNN optimisations are on"
+    if not onednn_enabled():
+        return False, ("TensorFlow's oneDNN optimisations are off (set TF_ENABLE_ONEDNN_OPTS=1 "
+                       "to allow bfloat16)")
+    native = native_bfloat16_flags()
+    if native:
+        return True, f"the CPU computes bfloat16 natively ({', '.join(native)})"
+    if requested == "auto":
+        return False, f"the CPU has no native bfloat16 ({' or '.join(NATIVE_BFLOAT16_FLAGS)})"
+    return True, "bfloat16 was asked for (emulated on this CPU: slower than float32)"
+
+
+def native_bfloat16_flags() -> list[str]:
+    """The native bfloat16 flags of this CPU, from /proc/cpuinfo (none where it is unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return [flag for flag in NATIVE_BFLOAT16_FLAGS if flag in flags]
+
+
+@contextlib.contextmanager
+def _bfloat16_graphs():
+    """Graphs run inside this are rewritten by oneDNN to compute in bfloat16 (inputs, outputs
+    and accumulation stay float32); the rewrite follows the setting at each call."""
+    tf = import_tensorflow()
+    tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options(
+            {"auto_mixed_precision_onednn_bfloat16": False})
+
+
 class Ensemble:
     """The folds of one descriptor; predictions are the mean of the folds."""
 
@@ -295,9 +350,15 @@ class Ensemble:
         self.descriptor = descriptor
         self.folds = folds
 
-    def predict(self, batch: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    def predict(self, batch: np.ndarray, floor: float = 0.0, *,
+                precision: str = "float32") -> np.ndarray:
         """batch: (N, X, Y, Z, 1) float32 in [0, 1] -> (N, X, Y, Z) mean probability; each
-        fold's probabilities below `floor` count as 0 (SHiVAi's 0.001)."""
+        fold's probabilities below `floor` count as 0 (SHiVAi's 0.001). precision: float32 or
+        bfloat16 (see bfloat16_candidate; the caller checks its lesions against float32)."""
+        with _bfloat16_graphs() if precision == "bfloat16" else contextlib.nullcontext():
+            return self._predict(batch, floor)
+
+    def _predict(self, batch: np.ndarray, floor: float) -> np.ndarray:
         total = np.zeros(batch.shape[:4], dtype=np.float64)
         for fold in self.folds:
             # One image at a time bounds memory; the folds see exactly the same input.

@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     pass
 
 
+# The `precision` setting's values (models.bfloat16_candidate says what each does).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 def setting(default, doc: str, *, kind: str = "", choices=(), minimum=None, maximum=None,
             optional: bool = False, exclusive_minimum: bool = False):
     """A settings field: its default, its one-line documentation and what values it takes.
@@ -160,6 +164,11 @@ class Settings:
                                 "prediction")
     save_model_input: bool = setting(False, "also write the array given to the model and its "
                                      "mask (desc-modelinput), to check what the model saw")
+    precision: str = setting(
+        "auto", "CPU prediction arithmetic: auto (bfloat16 where the CPU computes it natively, "
+        "else float32) | float32 | bfloat16; bfloat16 is kept only if the first image's lesions "
+        "match float32's (the sidecar records which ran, and why)",
+        choices=PRECISIONS)
     # Lesions
     threshold: float = setting(0.5, "probability strictly above this is lesion",
                                minimum=0, maximum=1)

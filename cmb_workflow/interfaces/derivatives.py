@@ -58,6 +58,8 @@ class WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     qc = File(exists=True, mandatory=True, desc="QualityControl's JSON")
     report = File(exists=True, mandatory=True, desc="SubjectReport's HTML")
     settings = traits.Dict(desc="settings recorded in the sidecars (threshold, model, ...)")
+    prediction = traits.Dict(desc="how the prediction ran (Precision, PrecisionReason), for "
+                                  "the probseg sidecar")
     modality = traits.Str("swi", usedefault=True, desc="the input's suffix (swi, T2starw)")
     model_input = File(exists=True, desc="the normalised crop (Normalize); given, the array the "
                                          "model saw is written as desc-modelinput")
@@ -100,7 +102,9 @@ class WriteDerivatives(SimpleInterface):
         write_text_atomic(json.dumps({"Type": "Brain", "Sources": sources, **quality}, indent=2)
                           + "\n", target("desc-brain_mask.json"))
         settings = dict(self.inputs.settings) if self.inputs.settings else {}
-        write_text_atomic(json.dumps({"Sources": sources, **settings}, indent=2) + "\n",
+        prediction = dict(self.inputs.prediction) if self.inputs.prediction else {}
+        write_text_atomic(json.dumps({"Sources": sources, **settings, **prediction}, indent=2)
+                          + "\n",
                           target("desc-cmb_probseg.json"))
 
         rows = json.loads(Path(self.inputs.lesion_table).read_text())

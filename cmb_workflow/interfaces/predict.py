@@ -1,5 +1,6 @@
 """Predict microbleed probabilities with an ensemble of SHIVA-convention 3D U-Nets."""
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -7,7 +8,12 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..models import load_ensemble
+from ..models import PRECISIONS, bfloat16_candidate, load_ensemble
+from .lesions import label_lesions
+
+LOGGER = logging.getLogger("cmb_workflow.predict")
+# bfloat16 is kept only if every lesion's highest probability stays this close to float32's.
+BFLOAT16_MAX_PEAK_DIFFERENCE = 0.02
 
 
 class PredictInputSpec(BaseInterfaceInputSpec):
@@ -23,15 +29,30 @@ class PredictInputSpec(BaseInterfaceInputSpec):
                          desc="each fold's probabilities below this count as 0")
     mask_output = traits.Bool(True, usedefault=True,
                               desc="zero the probabilities outside the brain")
+    precision = traits.Enum(*PRECISIONS, usedefault=True,
+                            desc="auto: bfloat16 where the CPU has it natively and the first "
+                                 "image's lesions match float32's; float32; bfloat16 (checked "
+                                 "the same way)")
+    threshold = traits.Range(0.0, 1.0, 0.5, usedefault=True,
+                             desc="the lesion rule of the bfloat16 check (see LabelLesions)")
+    connectivity = traits.Enum(26, 18, 6, usedefault=True, desc="the lesion rule's neighbourhood")
+    min_size = traits.Int(1, usedefault=True, desc="the lesion rule's smallest lesion, voxels")
+    min_peak = traits.Range(0.0, 1.0, 0.0, usedefault=True,
+                            desc="the lesion rule's detection threshold")
 
 
 class PredictOutputSpec(TraitedSpec):
     out_files = traits.List(File(exists=True),
                             desc="mean probability of the folds per image, cropped grid, float32")
+    precision = traits.Dict(desc="Precision (float32 or bfloat16) the batch was predicted in "
+                                 "and PrecisionReason, for the sidecars")
 
 
 class Predict(SimpleInterface):
-    """A batch of images with one load of the models (kept for the next batch of the process)."""
+    """A batch of images with one load of the models (kept for the next batch of the process).
+
+    A bfloat16 candidate (models.bfloat16_candidate) is first checked on the batch's first
+    image: used only if its lesions are float32's, else float32 is, with the reason logged."""
 
     input_spec = PredictInputSpec
     output_spec = PredictOutputSpec
@@ -42,20 +63,51 @@ class Predict(SimpleInterface):
                              f"{len(self.inputs.mask_files)} brain masks")
         ensemble = load_ensemble(self.inputs.model_descriptor,
                                  allow_unverified=self.inputs.allow_unverified)
+        candidate, reason = bfloat16_candidate(self.inputs.precision)
+        precision = "bfloat16" if candidate else "float32"
         out_files = []
         for index, (in_file, mask_file) in enumerate(zip(self.inputs.in_files,
                                                          self.inputs.mask_files)):
             img = nib.load(in_file)
-            data = np.asarray(img.dataobj, dtype=np.float32)
             mask = np.asarray(nib.load(mask_file).dataobj) > 0
+            data = np.asarray(img.dataobj, dtype=np.float32)
             if self.inputs.mask_input:
                 data = data * mask
-            probability = ensemble.predict(data[np.newaxis, ..., np.newaxis],
-                                           floor=self.inputs.floor)[0]
-            if self.inputs.mask_output:
-                probability = probability * mask
-            probability = np.clip(probability, 0.0, 1.0).astype(np.float32)
+            probability = self._probability(ensemble, data, mask, precision)
+            if index == 0 and precision == "bfloat16":
+                difference = self._bfloat16_difference(
+                    probability, self._probability(ensemble, data, mask, "float32"), mask)
+                if difference:
+                    precision, reason = "float32", f"{reason}, but {difference}"
+                    probability = self._probability(ensemble, data, mask, precision)
             out_files.append(str(Path(runtime.cwd) / f"probability_{index:03d}.nii.gz"))
             nib.save(nib.Nifti1Image(probability, img.affine), out_files[-1])
-        self._results["out_files"] = out_files
+        LOGGER.info("predicted in %s: %s", precision, reason)
+        self._results.update(out_files=out_files,
+                             precision={"Precision": precision, "PrecisionReason": reason})
         return runtime
+
+    def _probability(self, ensemble, data, mask, precision):
+        probability = ensemble.predict(data[np.newaxis, ..., np.newaxis], floor=self.inputs.floor,
+                                       precision=precision)[0]
+        if self.inputs.mask_output:
+            probability = probability * mask
+        return np.clip(probability, 0.0, 1.0).astype(np.float32)
+
+    def _bfloat16_difference(self, bfloat16, float32, mask) -> str:
+        """How bfloat16's lesions differ from float32's on one image; empty when they agree:
+        the same voxels in every lesion and each lesion's highest probability close."""
+        rule = dict(threshold=self.inputs.threshold, connectivity=self.inputs.connectivity,
+                    min_size=self.inputs.min_size, min_peak=self.inputs.min_peak, brain=mask)
+        identity = np.eye(4)
+        labels, rows = label_lesions(bfloat16, identity, **rule)
+        reference_labels, reference_rows = label_lesions(float32, identity, **rule)
+        if not np.array_equal(labels, reference_labels):
+            return (f"its lesions on the first image differ from float32's ({len(rows)} against "
+                    f"{len(reference_rows)} lesions, or not the same voxels)")
+        worst = max((abs(row["max_prob"] - reference["max_prob"])
+                     for row, reference in zip(rows, reference_rows)), default=0.0)
+        if worst > BFLOAT16_MAX_PEAK_DIFFERENCE:
+            return (f"a lesion's highest probability on the first image moved by {worst:.3f} "
+                    f"(more than {BFLOAT16_MAX_PEAK_DIFFERENCE})")
+        return ""

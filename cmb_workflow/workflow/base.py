@@ -35,7 +35,10 @@ def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, model
                                   allow_unverified=config.allow_unverified_models,
                                   mask_input=config.mask_input,
                                   floor=PREDICTION_FLOOR[config.preprocessing],
-                                  mask_output=config.mask_output),
+                                  mask_output=config.mask_output, precision=config.precision,
+                                  threshold=config.threshold, connectivity=config.connectivity,
+                                  min_size=config.min_lesion_size,
+                                  min_peak=config.min_peak_probability),
                           name="predict", mem_gb=config.predict_memory_gb)
         if predict_plugin_args:
             predict.plugin_args = predict_plugin_args
@@ -44,8 +47,9 @@ def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, model
             image_wf = init_postprocess_wf(job, prepared[job.node_name], config, model,
                                            str(out_dir), command_line=command_line,
                                            name=job.node_name)
-            workflow.connect(batch_wf, ("predict.out_files", _pick, index),
-                             image_wf, "inputnode.probability")
+            workflow.connect([(batch_wf, image_wf, [
+                (("predict.out_files", _pick, index), "inputnode.probability"),
+                ("predict.precision", "inputnode.precision")])])
     return workflow
 
 

@@ -76,10 +76,14 @@ def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -
 
 def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_dir: str, *,
                         command_line: str = "", name: str) -> pe.Workflow:
-    """Workflow for one image from its probability map (inputnode.probability) to OUT;
-    prepared: the image's Handoff record; model: the model's provenance for the sidecars."""
+    """Workflow for one image from its probability map to OUT; prepared: the image's Handoff
+    record; model: the model's provenance for the sidecars.
+
+    Inputs (inputnode): probability (Predict's map, cropped grid), precision (Predict's
+    Precision and PrecisionReason, recorded in the probseg sidecar)."""
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["probability"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["probability", "precision"]),
+                        name="inputnode")
     lesions = pe.Node(LabelLesions(threshold=config.threshold,
                                    connectivity=config.connectivity,
                                    min_size=config.min_lesion_size,
@@ -116,6 +120,7 @@ def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_
     workflow.connect([
         (inputnode, lesions, [("probability", "in_file")]),
         (inputnode, to_native, [("probability", "probability")]),
+        (inputnode, write, [("precision", "prediction")]),
         (lesions, mimics, [("out_labels", "labels"), ("out_table", "lesion_table")]),
         (mimics, regions, [("out_labels", "labels"), ("out_table", "lesion_table")]),
         (mimics, to_native, [("out_labels", "labels"), ("out_table", "lesion_table")]),
