@@ -12,7 +12,9 @@ process as on a cluster:
   scan does not depend on the number of scans, so the 1- and 4-subject figures are the first
   scans of the largest run;
 - ours: the pipeline's Predict interface in jobs of predict_batch_size scans, the ensemble
-  loaded once per job.
+  loaded once per job, once per `--precisions` value (bfloat16 jobs run with oneDNN on, as it is
+  by default on CPUs with native bfloat16; each row says which precision the node kept: on a CPU
+  without it, bfloat16 is emulated and slow).
 Times are whole-process wall times (Python start, imports, loads, prediction, NIfTI reading and
 writing). The CPU may be shared with other work: compare figures taken in one run.
 """
@@ -70,8 +72,9 @@ def reference_job(models: str, crop: str, out: str) -> tuple[float, float]:
     return load, predict
 
 
-def our_job(models: str, crops: list, masks: list, work: str) -> tuple[float, float]:
-    """One prediction job of the pipeline; (load, predict) seconds."""
+def our_job(models: str, crops: list, masks: list, work: str,
+            precision: str) -> tuple[float, float, str]:
+    """One prediction job of the pipeline; (load, predict) seconds and the precision kept."""
     from cmb_workflow.interfaces.predict import Predict
     from cmb_workflow.models import load_ensemble
 
@@ -79,26 +82,33 @@ def our_job(models: str, crops: list, masks: list, work: str) -> tuple[float, fl
     load_ensemble(models)  # the Predict below finds it in the process's cache
     loaded = time.perf_counter()
     # No output masking: the reference does not mask either.
-    Predict(in_files=crops, mask_files=masks, model_descriptor=models,
-            mask_output=False).run(cwd=work)
-    return loaded - start, time.perf_counter() - loaded
+    result = Predict(in_files=crops, mask_files=masks, model_descriptor=models,
+                     mask_output=False, precision=precision).run(cwd=work)
+    return loaded - start, time.perf_counter() - loaded, result.outputs.precision["Precision"]
 
 
 def child(args) -> None:
     """One job; prints its load and prediction seconds and peak RSS as JSON."""
+    precision = "float32"
     if args.approach == "reference":
         load, predict = reference_job(args.models, args.crops[0], args.out)
     else:
-        load, predict = our_job(args.models, args.crops, args.masks, args.out)
-    print(json.dumps({"load_s": load, "predict_s": predict,
+        load, predict, precision = our_job(args.models, args.crops, args.masks, args.out,
+                                           args.precisions[0])
+    print(json.dumps({"load_s": load, "predict_s": predict, "precision": precision,
                       "rss_gb": peak_rss_gb()}))
 
 
-def run_job(models: Path, approach: str, crops: list, masks: list, out: Path):
+def run_job(models: Path, approach: str, crops: list, masks: list, out: Path,
+            precision: str = "float32"):
     command = [sys.executable, __file__, "--approach", approach, "--models", str(models),
-               "--out", str(out), "--crops", *map(str, crops), "--masks", *map(str, masks)]
+               "--out", str(out), "--crops", *map(str, crops), "--masks", *map(str, masks),
+               "--precisions", precision]
+    environment = dict(os.environ)
+    if precision == "bfloat16":
+        environment["TF_ENABLE_ONEDNN_OPTS"] = "1"
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode:
         sys.exit(f"{approach} job failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start, json.loads(done.stdout.strip().splitlines()[-1])
@@ -147,19 +157,25 @@ def bench_variant(name: str, args, tmp: Path, crops: list, masks: list, peak: fl
         reference_jobs.append(run_job(descriptor, "reference", crops[index:index + 1],
                                       masks[:1], out))
         print(f"  reference scan {index + 1}/{most}: {reference_jobs[-1][0]:.1f} s", flush=True)
-    results = {"reference": {n: reference_jobs[:n] for n in args.subjects}, "ours": {}}
+    results = {"reference": {n: reference_jobs[:n] for n in args.subjects}}
     batch_size = load_config().predict_batch_size
-    for n in args.subjects:
-        jobs = []
-        for first in range(0, n, batch_size):
-            work = tmp / f"{name}_ours_{n}_{first}"
-            work.mkdir()
-            last = min(first + batch_size, n)
-            jobs.append(run_job(descriptor, "ours", crops[first:last], masks[first:last], work))
-        results["ours"][n] = jobs
-        print(f"  ours {n} subjects: {sum(wall for wall, _ in jobs):.1f} s", flush=True)
+    for precision in args.precisions:
+        approach = f"ours-{precision}"
+        results[approach] = {}
+        for n in args.subjects:
+            jobs = []
+            for first in range(0, n, batch_size):
+                work = tmp / f"{name}_{approach}_{n}_{first}"
+                work.mkdir()
+                last = min(first + batch_size, n)
+                jobs.append(run_job(descriptor, "ours", crops[first:last], masks[first:last],
+                                    work, precision))
+            results[approach][n] = jobs
+            kept = sorted({job["precision"] for _, job in jobs})
+            print(f"  {approach} {n} subjects: {sum(wall for wall, _ in jobs):.1f} s "
+                  f"(ran in {', '.join(kept)})", flush=True)
 
-    print(f"{'approach':>9} {'subjects':>8} {'jobs':>4} {'per subject s':>13} "
+    print(f"{'approach':>14} {'subjects':>8} {'jobs':>4} {'per subject s':>13} "
           f"{'load s/job':>10} {'predict s/fold':>14} {'GFLOP/s':>8} {'% peak':>6} "
           f"{'peak RSS GB':>11} {'vs reference':>12}")
     for approach, by_n in results.items():
@@ -168,14 +184,16 @@ def bench_variant(name: str, args, tmp: Path, crops: list, masks: list, peak: fl
             predict = sum(job["predict_s"] for _, job in jobs)
             rate = flops * args.folds * n / predict
             reference = sum(wall for wall, _ in results["reference"][n]) / n
-            print(f"{approach:>9} {n:>8} {len(jobs):>4} {per_subject:>13.1f} "
+            print(f"{approach:>14} {n:>8} {len(jobs):>4} {per_subject:>13.1f} "
                   f"{sum(job['load_s'] for _, job in jobs) / len(jobs):>10.1f} "
                   f"{predict / n / args.folds:>14.2f} {rate / 1e9:>8.1f} "
                   f"{100 * rate / peak:>6.1f} {max(job['rss_gb'] for _, job in jobs):>11.2f} "
                   f"{per_subject / reference:>12.2f}")
-    ours = nib.load(tmp / f"{name}_ours_{most}_0" / "probability_000.nii.gz").get_fdata()
     reference = nib.load(tmp / f"{name}_reference_00.nii.gz").get_fdata()
-    print(f"max |ours - reference| on the first scan: {np.max(np.abs(ours - reference)):.2e}")
+    for precision in args.precisions:
+        ours = nib.load(tmp / f"{name}_ours-{precision}_{most}_0" / "probability_000.nii.gz")
+        print(f"max |ours-{precision} - reference| on the first scan: "
+              f"{np.max(np.abs(ours.get_fdata() - reference)):.2e}")
 
 
 def main():
@@ -185,6 +203,8 @@ def main():
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--base-filters", type=int, default=10)
     parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16"],
+                        default=["float32", "bfloat16"])
     parser.add_argument("--approach", choices=["reference", "ours"], help=argparse.SUPPRESS)
     for name in ("--models", "--out"):
         parser.add_argument(name, help=argparse.SUPPRESS)
