@@ -231,8 +231,9 @@ def _float32_config(config):
 
 
 def load_h5_model(path: Path):
-    """The tf_keras model of a v1 .h5 file, rebuilt in float32. It runs the file's Lambda
-    bytecode: only for files verified against their descriptor (or explicitly allowed)."""
+    """The tf_keras model of a v1 .h5 file: in its own policy (mixed_float16, as the v1 release
+    was trained and as SHiVAi runs it) on a GPU, rebuilt in float32 on a CPU. It runs the file's
+    Lambda bytecode: only for files verified against their descriptor (or explicitly allowed)."""
     import h5py
     tf = import_tensorflow()
     import tf_keras
@@ -243,11 +244,13 @@ def load_h5_model(path: Path):
     if raw is None:
         raise ModelError(f"{path}: HDF5 file holds no Keras model config")
     config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    if not tf.config.list_physical_devices("GPU"):
+        config = _float32_config(config)
     # Lambda layers are Python bytecode; callers pass verified files only, so their
     # deserialisation is permitted.
     with serialization_lib.SafeModeScope(safe_mode=False):
         try:
-            model = tf_keras.models.model_from_json(json.dumps(_float32_config(config)),
+            model = tf_keras.models.model_from_json(json.dumps(config),
                                                     custom_objects={"tf": tf})
         except ValueError as exc:
             raise ModelError(f"{path}: cannot rebuild the model ({exc})") from exc

@@ -1,9 +1,11 @@
 """Model descriptors, checksums and the two released formats."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,20 @@ def test_forward_flops_counts_two_per_multiply_add_of_each_convolution():
     x = K.layers.Conv3DTranspose(2, 2, strides=2)(x)
     model = K.Model(inputs, x)
     assert forward_flops(model) == 2 * (8 ** 3 * 27 * 4 + 4 ** 3 * 8 * 4 * 2)
+
+
+def test_gpu_check_script_runs_without_a_gpu():
+    """benchmarks/gpu_check.sh, kept working for the day a GPU is there: without one it says so
+    and runs every part on the CPU, its two CPU runs agreeing exactly."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script), "--scans", "1", "--cpu-scans", "1", "--folds",
+                           "1", "--base-filters", "2", "--levels", "2"],
+                          capture_output=True, text=True, env=environment, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GPU: none visible to TensorFlow" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines()
+            if line.split()[:1] in (["h5"], ["savedmodel"])]
+    assert [row[0] for row in rows] == ["h5", "savedmodel"]
+    for row in rows:
+        assert row[1] == "CPU" and float(row[6]) == 0 and row[7] == "yes", row
