@@ -73,6 +73,9 @@ class WriteDerivativesOutputSpec(TraitedSpec):
 
 
 class WriteDerivatives(SimpleInterface):
+    """Copy one image's maps, lesion table, QC, sidecars and report into OUT under its BIDS
+    prefix, each file written atomically."""
+
     input_spec = WriteDerivativesInputSpec
     output_spec = WriteDerivativesOutputSpec
 

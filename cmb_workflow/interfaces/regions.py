@@ -31,6 +31,9 @@ class LesionRegionsOutputSpec(TraitedSpec):
 
 
 class LesionRegions(SimpleInterface):
+    """Add each lesion's MARS region and MNI coordinates to its row, and score the template
+    registration (Dice of the template's brain with the image's mask)."""
+
     input_spec = LesionRegionsInputSpec
     output_spec = LesionRegionsOutputSpec
 

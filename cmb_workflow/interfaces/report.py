@@ -244,6 +244,8 @@ DROPPED_TABLE = ("label", "volume_mm3", "max_prob", "mimic_score", "scanner")
 
 
 class SubjectReport(SimpleInterface):
+    """Render one image's self-contained HTML report (figures embedded)."""
+
     input_spec = SubjectReportInputSpec
     output_spec = SubjectReportOutputSpec
 
