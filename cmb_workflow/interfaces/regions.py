@@ -10,8 +10,8 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..mars import MNI_COLUMNS, UNKNOWN, assign_regions, mars_atlas
 from ..registration import mni152, to_template, warp_to_subject
-from ..regions import MNI_COLUMNS, UNKNOWN, assign_regions, mars_atlas
 
 
 class LesionRegionsInputSpec(BaseInterfaceInputSpec):
