@@ -19,6 +19,9 @@ from pathlib import Path
 
 from prediction_speed import peak_rss_gb
 
+# The networks built for tests and benchmarks live beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 
 def rerun_node(node_file: str) -> None:
     """Run a node again from its pickle, in this (fresh) process; print its peak RSS in GB."""
@@ -53,14 +56,15 @@ def main():
     args = parser.parse_args()
     if args.rerun:
         return rerun_node(args.rerun)
-    from cmb_workflow import networks
+    from model_builders import build_unet_ensemble
+
     from cmb_workflow.configs import load_config
     from cmb_workflow.runner import run_study
     from cmb_workflow.synthetic import make_phantom_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        descriptor, model = networks.build_unet_ensemble(
+        descriptor, model = build_unet_ensemble(
             tmp / "models", folds=args.folds, base_filters=args.base_filters, levels=args.levels)
         print(f"U-Net: {model.count_params():,} parameters per fold, {args.folds} folds")
         make_phantom_dataset(tmp / "bids", 1, seed=7, modalities=("swi",))

@@ -88,7 +88,8 @@ def main():
         print(json.dumps(predict_job(descriptor, args.crops, args.masks, Path(work))))
         return
 
-    from cmb_workflow import networks
+    from model_builders import build_unet_ensemble  # on the path prediction_speed sets
+
     from cmb_workflow.models import import_tensorflow
 
     tf = import_tensorflow()
@@ -104,7 +105,7 @@ def main():
         print(f"{'format':<11} {'device':<6} {'scans':>5} {'load s':>7} {'s per scan':>10} "
               f"{'peak GPU GB':>11} {'max |here - CPU|':>16} {'same lesions':>12}")
         for fmt in FORMATS:
-            descriptor, _ = networks.build_unet_ensemble(
+            descriptor, _ = build_unet_ensemble(
                 tmp / fmt, folds=args.folds, fmt=fmt, base_filters=args.base_filters,
                 levels=args.levels, residual=fmt == "savedmodel")
             here = predict_job(str(descriptor), crops, masks, tmp / f"{fmt}-here")

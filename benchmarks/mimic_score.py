@@ -14,6 +14,7 @@ positives per scan, the share of false positives flagged likely_mimic
 """
 
 import argparse
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -21,16 +22,20 @@ from pathlib import Path
 import numpy as np
 from machine import cpu_description
 
-from cmb_workflow.configs import load_config
-from cmb_workflow.demo import demo_model_descriptor
-from cmb_workflow.evaluate import wilson_interval
-from cmb_workflow.interfaces.lesions import label_lesions
-from cmb_workflow.mimics import FEATURE_COLUMNS, score_lesions
-from cmb_workflow.models import load_ensemble
-from cmb_workflow.networks import build_detector_ensemble
-from cmb_workflow.synthetic import STYLES, make_phantom
-from cmb_workflow.preprocessing import MASK_INPUT
-from cmb_workflow.training import DEMO_CONVENTION, lesion_target, phantom_model_input
+# The networks built for tests and benchmarks live beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from model_builders import build_detector_ensemble  # noqa: E402
+
+from cmb_workflow.configs import load_config  # noqa: E402
+from cmb_workflow.demo import demo_model_descriptor  # noqa: E402
+from cmb_workflow.evaluate import wilson_interval  # noqa: E402
+from cmb_workflow.interfaces.lesions import label_lesions  # noqa: E402
+from cmb_workflow.mimics import FEATURE_COLUMNS, score_lesions  # noqa: E402
+from cmb_workflow.models import load_ensemble  # noqa: E402
+from cmb_workflow.synthetic import STYLES, make_phantom  # noqa: E402
+from cmb_workflow.preprocessing import MASK_INPUT  # noqa: E402
+from cmb_workflow.training import DEMO_CONVENTION, lesion_target, phantom_model_input  # noqa: E402
 
 MIN_DIAMETER_MM = 3.0
 

@@ -31,6 +31,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+# The networks built for tests and benchmarks live beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 SHAPE = (160, 214, 176)
 VARIANTS = {"unet": ("h5", False), "resunet": ("savedmodel", True)}
 FP32_FLOP_PER_CYCLE = 32  # AVX2: 2 FMA units x 8 float32 lanes x 2 operations
@@ -139,14 +142,15 @@ def write_crops(folder: Path, count: int) -> tuple[list, list]:
 
 
 def bench_variant(name: str, args, tmp: Path, crops: list, masks: list, peak: float) -> None:
-    from cmb_workflow import networks
+    from model_builders import build_unet_ensemble, forward_flops
+
     from cmb_workflow.configs import load_config
 
     fmt, residual = VARIANTS[name]
-    descriptor, model = networks.build_unet_ensemble(
+    descriptor, model = build_unet_ensemble(
         tmp / name, folds=args.folds, fmt=fmt, base_filters=args.base_filters,
         levels=args.levels, residual=residual)
-    flops = networks.forward_flops(model)
+    flops = forward_flops(model)
     print(f"\n== {name} ({fmt}): {args.folds} folds x {model.count_params():,} parameters, "
           f"{flops / 1e9:.0f} GFLOP per forward pass of one fold", flush=True)
 

@@ -30,6 +30,9 @@ import nibabel as nib
 import numpy as np
 from machine import cpu_description
 
+# The networks built for tests and benchmarks live beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 # SHiVAi's CMB chain (its workflows/preprocessing.py with its defaults), run in SHiVAi's own
 # interpreter; prints the normalised crop's path.
 SHIVAI_CHAIN = r"""
@@ -109,7 +112,7 @@ def main() -> int:
     study = Path(args.in_dir).resolve() if args.in_dir else make_phantoms(work)
     models = args.models
     if not models:
-        from cmb_workflow.networks import build_detector_ensemble
+        from model_builders import build_detector_ensemble
 
         models = str(build_detector_ensemble(work / "models" / "SWI-CMB", "savedmodel", folds=1))
     from cmb_workflow.cli import main as cmb_workflow

@@ -99,8 +99,9 @@ def main():
 
     import yaml
 
-    from cmb_workflow.networks import (build_dark_voxel_detector, keras_module, save_fold,
-                                       write_descriptor)
+    from model_builders import build_dark_voxel_detector
+
+    from cmb_workflow.networks import keras_module, save_fold, write_descriptor
 
     cluster = OneNodeCluster(cpus=6)
     cluster.start()

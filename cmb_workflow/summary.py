@@ -22,7 +22,7 @@ from .execution import unit_name
 from .imageops import write_text_atomic
 from .interfaces.derivatives import report_name
 from .interfaces.qc import QC_METRICS
-from .regions import mars_counts
+from .mars import mars_counts
 
 # Crash files go to the run log only; the terminal gets their one-line reasons.
 CRASH_LOGGER = logging.getLogger("cmb_workflow.crash")
@@ -217,7 +217,7 @@ def summarize(out_dir: Path) -> list[dict]:
     write_tsv(out_dir / "cmb_summary.tsv", rows, SUMMARY_COLUMNS)
     write_tsv(out_dir / "qc.tsv", [record["qc"] for record in records if record["qc"]],
               QC_COLUMNS)
-    from .reporting import write_index
+    from .rendering import write_index
 
     # The index names one model: the one most images were processed with.
     models = Counter(record["model"] for record in records)

@@ -38,23 +38,19 @@ TRAIN_SEED = 20261124
 PATCH_SIZE = 48
 # Truth brain masks grown by up to this many voxels: the automatic mask is never exact.
 MAX_MASK_GROWTH = 3
-# Patches darken the iron-rich nuclei further by up to this much (x their relative iron load):
-# without it, every network took the pallidi and red nuclei of the most iron-weighted held-out
-# phantom (1.29 times the typical darkening) for microbleeds (6 false positives; demo-4: none).
+# Patches darken the iron-rich nuclei further by up to this much (x their relative iron load), so
+# that strongly iron-weighted scans' nuclei are not taken for microbleeds (docs/demo-model.md).
 IRON_DARKENING = 0.4
 # Brain voxels this dark (percentile) are sampled as hard negatives.
 DARK_PERCENTILE = 5
 # ... from this fraction of the training steps on.
 HARD_NEGATIVES_FROM = 0.4
 # At these fractions of the steps, the network's false positives on the whole training crops
-# become hard negatives too: dark-voxel sampling alone left confident detections on the
-# iron-dark nuclei of strongly iron-weighted scans (held-out false positives per scan: 1.86
-# without mining, 1.0 mining at 0.6 and 0.8, 0.5 with these five rounds).
+# become hard negatives too: dark-voxel sampling alone left confident detections on iron-dark
+# nuclei (figures: docs/demo-model.md, History).
 MINING_AT = (0.5, 0.6, 0.7, 0.8, 0.9)
-# The demo model's detection threshold (its descriptor's min_peak_probability): of 0.5 to 0.95
-# in steps of 0.05, the lowest peak probability with the best lesion-wise F1 (>= 3 mm) on 28
-# validation phantoms of seed 333 (benchmarks/demo_model_accuracy.py --sweep): 0.959 at 0.5,
-# 0.968 at 0.6 and 0.65, 0.952 at 0.8. Lesions the two folds disagree on average to about 0.5.
+# The demo model's detection threshold (its descriptor's min_peak_probability): the lowest peak
+# probability with the best lesion-wise F1 on validation phantoms (docs/performance.md).
 DEMO_MIN_PEAK_PROBABILITY = 0.6
 # What prepare_subject returns, as kept in a --cache folder.
 CACHED_ARRAYS = ("data", "mask", "target", "iron")
@@ -68,8 +64,7 @@ class FoldRecipe:
     microbleed comes ~40 times as often as a 3 mm one. A number p: first a microbleed, with a
     chance growing as its voxel count to the power p (1: the same chances as None, drawn in two
     steps; 0: every microbleed equally likely), from `from_fraction` of the steps on, p = 1
-    before (with demo-3's clipped loss, every microbleed equally likely from the start left
-    the network at "no lesion anywhere" for 650 steps; dice_bce_loss no longer stalls so).
+    before (so that the network first learns to find microbleeds at all).
     iron_darkening: see sample_batch."""
 
     steps: int
@@ -83,12 +78,9 @@ class FoldRecipe:
         return 1.0
 
 
-# Per lesion voxel, the network missed small faint microbleeds (demo-2, 28 held-out phantoms:
-# sensitivity 0.81 on the 0.7x0.7x1.4 mm grid); every microbleed equally likely found them
-# (0.99) but with more false positives (1.1 per scan). Their average keeps the second one's hits
-# with the first one's few false positives (demo-4, 70 held-out phantoms: 0.975 and 0.46 per scan;
-# a third fold, lesion_chance_power 0.5, took seed 999's 28 from 0.46 to 0.64 false positives per
-# scan: README, Performance).
+# Lesion voxels equally likely miss small faint microbleeds; microbleeds equally likely find them
+# with more false positives: the average keeps the second's hits and the first's few false
+# positives (docs/demo-model.md, History).
 FOLD_RECIPES = (FoldRecipe(steps=2000, iron_darkening=IRON_DARKENING),
                 FoldRecipe(steps=4000, lesion_chance_power=0.0, from_fraction=0.25,
                            iron_darkening=IRON_DARKENING))
@@ -247,9 +239,8 @@ def dice_bce_loss(ops, positive_weight: float = 10.0):
     patch: unweighted, the network settled on "no lesion anywhere" within 100 steps."""
 
     def loss(y_true, y_pred):
-        # Keras computes this from the sigmoid's logits; clipping the probabilities instead
-        # cut every lesion voxel's gradient once the network's output there fell below the
-        # clip, and some random streams stayed at "no lesion anywhere" for good.
+        # From the sigmoid's logits (Keras does it): clipped probabilities cut the gradient of
+        # every missed lesion voxel.
         bce = ops.mean((1 + (positive_weight - 1) * y_true)
                        * ops.binary_crossentropy(y_true, y_pred))
         overlap = ops.sum(y_true * y_pred)
@@ -301,8 +292,8 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 40, batch
     mining = []
     for fold, recipe in enumerate(recipes):
         steps = recipe.steps
-        # The recipes make the folds differ, so they share the seed; [seed, 0] is how the
-        # shipped folds were drawn (when folds differed by seed alone, fold 0's).
+        # The recipes make the folds differ, so they share the seed ([seed, 0]: as the shipped
+        # folds were drawn).
         K.utils.set_random_seed(seed)
         tf.config.experimental.enable_op_determinism()
         rng = np.random.default_rng([seed, 0])
@@ -323,8 +314,8 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 40, batch
                 mining.append({"fold": fold, "step": step, "false_positives": len(false_positives)})
                 LOGGER.info("fold %d step %d: %d false-positive components mined", fold, step,
                             len(false_positives))
-            # Dark mimics from the start kept the network at "no lesion anywhere" (tried for
-            # 450 steps); once it finds microbleeds, they teach it what they are not.
+            # Hard negatives only once the network finds microbleeds: from the start, they kept
+            # it at "no lesion anywhere".
             images, targets = sample_batch(rng, subjects, batch_size, patch,
                                            hard_negatives=step > steps * HARD_NEGATIVES_FROM,
                                            false_positives=false_positives,

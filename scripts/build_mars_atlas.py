@@ -43,7 +43,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmb_workflow.regions import ATLAS_FILE, LEFT_OFFSET, REGIONS, region_codes  # noqa: E402
+from cmb_workflow.mars import ATLAS_FILE, LEFT_OFFSET, REGIONS, region_codes  # noqa: E402
 from cmb_workflow.registration import mni152  # noqa: E402
 
 OUT = ROOT / "cmb_workflow" / "data" / "mars_atlas"

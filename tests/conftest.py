@@ -5,10 +5,10 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from helpers import write_study  # noqa: E402
+from model_builders import build_detector_ensemble  # noqa: E402
 from slurm_cluster import OneNodeCluster, missing_reason  # noqa: E402
 
 from cmb_workflow.cli import main  # noqa: E402
-from cmb_workflow.networks import build_detector_ensemble  # noqa: E402
 
 
 # The whole-pipeline tests check the workflow's mechanics (formats, resume, SLURM, failures) on

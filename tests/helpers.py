@@ -98,7 +98,7 @@ def write_small_heads(root: Path, count: int) -> Path:
     return root
 
 
-# The model input box of write_small_heads's images (networks.build_dark_voxel_detector).
+# The model input box of write_small_heads's images (model_builders.build_dark_voxel_detector).
 SMALL_HEADS_BOX = (40, 48, 40)
 
 

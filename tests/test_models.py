@@ -140,7 +140,9 @@ def test_float32_rebuild_changes_policies_only():
 
 def test_forward_flops_counts_two_per_multiply_add_of_each_convolution():
     """The benchmarks' FLOP count, on a network small enough to count by hand."""
-    from cmb_workflow.networks import forward_flops, keras_module
+    from model_builders import forward_flops
+
+    from cmb_workflow.networks import keras_module
 
     K = keras_module("savedmodel")
     inputs = K.layers.Input((8, 8, 8, 1))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cmb_workflow.imageops import conformed_grid, resample
-from cmb_workflow.regions import assign_regions, mars_atlas, mars_counts, region_codes
+from cmb_workflow.mars import assign_regions, mars_atlas, mars_counts, region_codes
 from cmb_workflow.registration import intensity_brain_mask, register_template, warp_to_subject
 from cmb_workflow.synthetic import make_phantom
 

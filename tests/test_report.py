@@ -18,7 +18,7 @@ from cmb_workflow.interfaces.qc import QC_METRICS, quality_flags
 from cmb_workflow.interfaces.report import SubjectReport, qc_rows
 from cmb_workflow.mimics import score_lesions
 from cmb_workflow.configs import load_config
-from cmb_workflow.reporting import cmb_count_band, model_summary, write_index
+from cmb_workflow.rendering import cmb_count_band, model_summary, write_index
 from cmb_workflow.summary import QC_COLUMNS, SUMMARY_COLUMNS
 
 LIMITS = load_config().as_dict()["qc"]

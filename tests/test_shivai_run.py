@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from helpers import grid_affine, make_head, read_tsv, save
+from model_builders import build_detector_ensemble
 
 from cmb_workflow.cli import main
 from cmb_workflow.imageops import load_volume
-from cmb_workflow.networks import build_detector_ensemble
 from cmb_workflow.preprocessing import (crop_start, deface, extract_box, mask_onto_grid,
                                         normalize)
 from cmb_workflow.preprocessing import conform as conform_image

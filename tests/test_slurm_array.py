@@ -9,10 +9,10 @@ import time
 import pytest
 import yaml
 from helpers import SMALL_HEADS_BOX, assert_same_results, read_tsv, write_small_heads
+from model_builders import build_dark_voxel_detector
 
 from cmb_workflow.cli import main
-from cmb_workflow.networks import (build_dark_voxel_detector, keras_module, save_fold,
-                                   write_descriptor)
+from cmb_workflow.networks import keras_module, save_fold, write_descriptor
 from cmb_workflow.slurm import queue
 
 # Whole pipelines: the full suite only.

@@ -9,7 +9,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, Sim
                                     TraitedSpec, isdefined, traits)
 
 from ..imageops import copy_atomic, remove_stale_temporaries, save_atomic, write_text_atomic
-from ..regions import MARS_CLASSES, MNI_COLUMNS, REGION_COLUMNS, REGIONS
+from ..mars import MARS_CLASSES, MNI_COLUMNS, REGION_COLUMNS, REGIONS
 from ..mimics import MIMIC_COLUMNS, MIMIC_SIDECAR
 from .lesions import DEFINITE_MIN_PROB, LESION_COLUMNS
 
@@ -75,6 +75,9 @@ class WriteDerivativesOutputSpec(TraitedSpec):
 
 
 class WriteDerivatives(SimpleInterface):
+    """Copy one image's maps, lesion table, QC, sidecars and report into OUT under its BIDS
+    prefix, each file written atomically."""
+
     input_spec = WriteDerivativesInputSpec
     output_spec = WriteDerivativesOutputSpec
 

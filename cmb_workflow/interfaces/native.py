@@ -44,6 +44,9 @@ def native_labels(labels: nib.Nifti1Image, rows, shape, affine) -> np.ndarray:
 
 
 class ToNative(SimpleInterface):
+    """Resample the probability map, the lesion labels and the brain mask onto the raw input's
+    grid, and measure the mask there."""
+
     input_spec = ToNativeInputSpec
     output_spec = ToNativeOutputSpec
 

@@ -80,6 +80,8 @@ def quality_flags(metrics: dict, limits: dict) -> list[str]:
 
 
 class QualityControl(SimpleInterface):
+    """Gather one image's QC metrics (QC_METRICS) into a JSON with the flags its limits raise."""
+
     input_spec = QualityControlInputSpec
     output_spec = QualityControlOutputSpec
 

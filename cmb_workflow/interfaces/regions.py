@@ -10,8 +10,8 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..mars import MNI_COLUMNS, UNKNOWN, assign_regions, mars_atlas
 from ..registration import mni152, to_template, warp_to_subject
-from ..regions import MNI_COLUMNS, UNKNOWN, assign_regions, mars_atlas
 
 
 class LesionRegionsInputSpec(BaseInterfaceInputSpec):
@@ -31,6 +31,9 @@ class LesionRegionsOutputSpec(TraitedSpec):
 
 
 class LesionRegions(SimpleInterface):
+    """Add each lesion's MARS region and MNI coordinates to its row, and score the template
+    registration (Dice of the template's brain with the image's mask)."""
+
     input_spec = LesionRegionsInputSpec
     output_spec = LesionRegionsOutputSpec
 

@@ -13,9 +13,9 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 from scipy import ndimage
 
 from ..imageops import resample
-from ..regions import MNI_COLUMNS, mars_counts
-from ..reporting import cmb_count_band, figure_uri, model_summary, plt, render, software_versions
+from ..mars import MNI_COLUMNS, mars_counts
 from ..mimics import LIKELY_MIMIC_MIN_SCORE
+from ..rendering import cmb_count_band, figure_uri, model_summary, plt, render, software_versions
 from .lesions import DEFINITE_MIN_PROB
 from .qc import QC_METRICS, metric_passes
 
@@ -244,6 +244,8 @@ DROPPED_TABLE = ("label", "volume_mm3", "max_prob", "mimic_score", "scanner")
 
 
 class SubjectReport(SimpleInterface):
+    """Render one image's self-contained HTML report (figures embedded)."""
+
     input_spec = SubjectReportInputSpec
     output_spec = SubjectReportOutputSpec
 

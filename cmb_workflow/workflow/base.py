@@ -14,6 +14,12 @@ WORK_GRAPHS = ("preprocess", "predict")
 
 
 def init_preprocess_study_wf(jobs, config: Settings, handoff_dir: str, work_dir: str) -> pe.Workflow:
+    """One init_preprocess_wf per job, side by side, each writing its Handoff record to
+    handoff_dir/<job.node_name>.json.
+
+    Inputs: none (each image's inputnode is filled from its job). Outputs: none (the handoff
+    records are what the prediction graph reads).
+    """
     workflow = pe.Workflow(name=WORK_GRAPHS[0], base_dir=str(work_dir))
     workflow.add_nodes([init_preprocess_wf(job, config, f"{handoff_dir}/{job.node_name}.json",
                                            name=job.node_name) for job in jobs])
@@ -23,8 +29,14 @@ def init_preprocess_study_wf(jobs, config: Settings, handoff_dir: str, work_dir:
 def init_predict_study_wf(batches: dict, prepared: dict, config: Settings, model: dict,
                           out_dir: str, work_dir: str, predict_plugin_args: dict | None = None,
                           command_line: str = "") -> pe.Workflow:
-    """batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record;
-    model: the CMB model's provenance (registry.model_provenance), recorded in the sidecars."""
+    """A Predict node per batch, feeding an init_postprocess_wf per image of the batch.
+
+    batches: node name -> the jobs it predicts; prepared: job.node_name -> Handoff record;
+    model: the CMB model's provenance (registry.model_provenance), recorded in the sidecars.
+
+    Inputs: none (the Predict nodes take the prepared images). Outputs: none (each image's
+    results are written into out_dir by its WriteDerivatives node).
+    """
     workflow = pe.Workflow(name=WORK_GRAPHS[1], base_dir=str(work_dir))
     for batch_name, batch in batches.items():
         # A workflow per batch names its node like the images' ones: predict.<batch>.predict

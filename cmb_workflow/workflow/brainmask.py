@@ -8,11 +8,17 @@ from ..interfaces.brainmask import BrainMask
 from ..interfaces.brainmask_model import PredictBrainMask
 from ..interfaces.template import RegisterTemplate
 
+
 def init_brain_mask_wf(job, config: Settings, *, name: str = "brain_mask") -> pe.Workflow:
-    """inputnode.in_file: the conformed image (and supplied_mask, connected when job.mask is
-    set) -> outputnode.out_file: its brain mask; outputnode.template_transforms and
-    registration_error: the MNI152 template registered to the image, which every mode has (the
-    lesion regions need it), but only the template mask depends on.
+    """The brain mask of one conformed image, and the MNI152 template registered to it.
+
+    Inputs (inputnode)
+        in_file: the conformed image.
+        supplied_mask: the mask supplied with the image (connected when job.mask is set).
+    Outputs (outputnode)
+        out_file: the brain mask on in_file's grid.
+        template_transforms, registration_error: the template registration, which every mode
+        has (the lesion regions need it) but only the template mask depends on.
 
     A mask supplied with the image is always used; without one, config brain_mask decides:
     auto (the brain-mask model if brain_mask_model is set, else the registered template),

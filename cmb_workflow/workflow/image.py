@@ -29,7 +29,14 @@ from .brainmask import init_brain_mask_wf
 def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -> pe.Workflow:
     """Workflow for one image up to the models' input, prepared as config.preprocessing says
     (preprocessing.py): conform -> brain mask -> [shivai: deface] -> crop -> normalise ->
-    handoff (the record the prediction graph reads). Its inputnode is filled from `job`."""
+    handoff (the record the prediction graph reads).
+
+    Inputs (inputnode, filled from `job`)
+        in_file: the raw image; mask_file: its supplied brain mask, when job.mask is set.
+    Outputs
+        none: the Handoff node writes handoff_file (image, mask, box, conformed, brain_mask,
+        template_transforms, registration_error).
+    """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "mask_file"]), name="inputnode")
     inputnode.inputs.in_file = str(job.source)
@@ -76,11 +83,17 @@ def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -
 
 def init_postprocess_wf(job, prepared: dict, config: Settings, model: dict, out_dir: str, *,
                         command_line: str = "", name: str) -> pe.Workflow:
-    """Workflow for one image from its probability map to OUT; prepared: the image's Handoff
-    record; model: the model's provenance for the sidecars.
+    """Workflow for one image from its probability map to OUT: lesions -> mimic scores ->
+    regions -> native grid -> QC -> report -> derivatives.
 
-    Inputs (inputnode): probability (Predict's map, cropped grid), precision (Predict's
-    Precision and PrecisionReason, recorded in the probseg sidecar)."""
+    prepared: the image's Handoff record; model: the model's provenance for the sidecars.
+
+    Inputs (inputnode)
+        probability: the ensemble's probability map on the model's grid (Predict).
+        precision: Predict's Precision and PrecisionReason, recorded in the probseg sidecar.
+    Outputs
+        none: the write_derivatives node writes the image's files into out_dir.
+    """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["probability", "precision"]),
                         name="inputnode")

@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .imageops import write_text_atomic  # noqa: E402
+from .mars import MARS_CLASSES  # noqa: E402
 from .models import read_descriptor  # noqa: E402
-from .regions import MARS_CLASSES  # noqa: E402
 from .summary import CMB_COUNT_BANDS, cmb_count_band  # noqa: E402
 
 VERSIONED_PACKAGES = ("cmb-workflow", "tensorflow", "tf_keras", "nipype", "nibabel", "numpy",
