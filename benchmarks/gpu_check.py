@@ -113,7 +113,7 @@ def main():
             cpu_job(str(descriptor), crops[:count], masks[:count], tmp / f"{fmt}-cpu")
             differences, agreements = [0.0], []
             for index in range(count):
-                name = f"probability_{index:03d}.nii.gz"
+                name = f"probability_{index:03d}.nii"
                 here_map = np.asarray(nib.load(tmp / f"{fmt}-here" / name).dataobj)
                 cpu_map = np.asarray(nib.load(tmp / f"{fmt}-cpu" / name).dataobj)
                 differences.append(float(np.abs(here_map - cpu_map).max()))

@@ -195,7 +195,7 @@ def bench_variant(name: str, args, tmp: Path, crops: list, masks: list, peak: fl
                   f"{per_subject / reference:>12.2f}")
     reference = nib.load(tmp / f"{name}_reference_00.nii.gz").get_fdata()
     for precision in args.precisions:
-        ours = nib.load(tmp / f"{name}_ours-{precision}_{most}_0" / "probability_000.nii.gz")
+        ours = nib.load(tmp / f"{name}_ours-{precision}_{most}_0" / "probability_000.nii")
         print(f"max |ours-{precision} - reference| on the first scan: "
               f"{np.max(np.abs(ours.get_fdata() - reference)):.2e}")
 

@@ -26,6 +26,10 @@ INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
 }
 
+# Images in the work folder are written uncompressed: gzip shrinks a noisy float image by only
+# ~15 % and costs about a second per image each way; masks and labels (mostly zeros) stay gzipped.
+WORK_IMAGE_SUFFIX = ".nii"
+
 # ITK works in LPS; nibabel in RAS.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 

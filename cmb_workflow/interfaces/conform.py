@@ -8,7 +8,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 
 from ..configs import InputLimits
-from ..imageops import ImageError, load_volume
+from ..imageops import ImageError, WORK_IMAGE_SUFFIX, load_volume
 from ..preprocessing import CONVENTIONS, conform
 
 
@@ -44,7 +44,7 @@ class Conform(SimpleInterface):
             raise ImageError(f"{self.inputs.in_file}: image is constant ({data.max()}) or all NaN")
         conformed = conform(nib.Nifti1Image(data, img.affine), self.inputs.convention,
                             source=self.inputs.in_file, interpolation=self.inputs.interpolation)
-        out_file = Path(runtime.cwd) / "conformed.nii.gz"
+        out_file = Path(runtime.cwd) / f"conformed{WORK_IMAGE_SUFFIX}"
         nib.save(conformed, out_file)
         self._results["out_file"] = str(out_file)
         return runtime

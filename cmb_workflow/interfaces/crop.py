@@ -8,6 +8,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..imageops import WORK_IMAGE_SUFFIX
 from ..preprocessing import CONVENTIONS, box_affine, crop_start, extract_box
 
 
@@ -43,7 +44,7 @@ class CropToBrain(SimpleInterface):
         cropped = extract_box(np.asarray(img.dataobj, dtype=np.float32), start, dimensions)
         cropped_mask = extract_box(mask.astype(np.uint8), start, dimensions)
         cwd = Path(runtime.cwd)
-        nib.save(nib.Nifti1Image(cropped, affine), cwd / "cropped.nii.gz")
+        nib.save(nib.Nifti1Image(cropped, affine), cwd / f"cropped{WORK_IMAGE_SUFFIX}")
         nib.save(nib.Nifti1Image(cropped_mask, affine), cwd / "cropped_mask.nii.gz")
         box = {
             "start": [int(s) for s in start],
@@ -51,7 +52,7 @@ class CropToBrain(SimpleInterface):
             "brain_voxels_outside_box": int(mask.sum() - cropped_mask.sum()),
         }
         (cwd / "box.json").write_text(json.dumps(box, indent=2))
-        self._results.update(out_file=str(cwd / "cropped.nii.gz"),
+        self._results.update(out_file=str(cwd / f"cropped{WORK_IMAGE_SUFFIX}"),
                              out_mask=str(cwd / "cropped_mask.nii.gz"),
                              box_file=str(cwd / "box.json"))
         return runtime

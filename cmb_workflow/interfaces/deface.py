@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec
 
-from ..imageops import ImageError
+from ..imageops import ImageError, WORK_IMAGE_SUFFIX
 from ..preprocessing import deface
 
 
@@ -32,7 +32,7 @@ class Deface(SimpleInterface):
             defaced = deface(img, mask)
         except ImageError as exc:
             raise ImageError(f"{self.inputs.in_file}: {exc}") from exc
-        out_file = Path(runtime.cwd) / "defaced.nii.gz"
+        out_file = Path(runtime.cwd) / f"defaced{WORK_IMAGE_SUFFIX}"
         nib.save(defaced, out_file)
         self._results["out_file"] = str(out_file)
         return runtime

@@ -7,7 +7,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..imageops import ImageError
+from ..imageops import ImageError, WORK_IMAGE_SUFFIX
 from ..preprocessing import normalize
 
 
@@ -40,7 +40,7 @@ class Normalize(SimpleInterface):
                              self.inputs.percentile, self.inputs.clip_max)
         except ValueError as exc:
             raise ImageError(str(exc)) from exc
-        out_file = Path(runtime.cwd) / "normalized.nii.gz"
+        out_file = Path(runtime.cwd) / f"normalized{WORK_IMAGE_SUFFIX}"
         nib.save(nib.Nifti1Image(data, img.affine), out_file)
         self._results["out_file"] = str(out_file)
         return runtime

@@ -8,6 +8,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..imageops import WORK_IMAGE_SUFFIX
 from ..models import PRECISIONS, bfloat16_candidate, load_ensemble
 from .lesions import label_lesions
 
@@ -80,7 +81,7 @@ class Predict(SimpleInterface):
                 if difference:
                     precision, reason = "float32", f"{reason}, but {difference}"
                     probability = self._probability(ensemble, data, mask, precision)
-            out_files.append(str(Path(runtime.cwd) / f"probability_{index:03d}.nii.gz"))
+            out_files.append(str(Path(runtime.cwd) / f"probability_{index:03d}{WORK_IMAGE_SUFFIX}"))
             nib.save(nib.Nifti1Image(probability, img.affine), out_files[-1])
         LOGGER.info("predicted in %s: %s", precision, reason)
         self._results.update(out_files=out_files,
