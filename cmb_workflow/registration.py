@@ -126,9 +126,9 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
     metric_mask = ndimage.binary_dilation(rough, iterations=METRIC_MARGIN_MM)
     images = {
         "subject_mask": (MASK_STAGE_MM, nib.Nifti1Image(rough.astype(np.uint8), img.affine)),
-        "template_mask": (MASK_STAGE_MM, mni152("brain_mask")),
+        "template_mask": (MASK_STAGE_MM, "brain_mask"),
         "subject": (IMAGE_STAGE_MM, img),
-        "template": (IMAGE_STAGE_MM, mni152("t1")),
+        "template": (IMAGE_STAGE_MM, "t1"),
         "metric_mask": (IMAGE_STAGE_MM, nib.Nifti1Image(metric_mask.astype(np.uint8), img.affine)),
     }
     prefix = out_dir / TRANSFORM_PREFIX
@@ -138,8 +138,12 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
         files = {}
         for name, (mm, image) in images.items():
             files[name] = out_dir / f"registration_{name}.nii.gz"
-            resampled = ants.resample_image(_to_ants(ants, image), (mm,) * 3, use_voxels=False,
-                                            interp_type=1 if name == "metric_mask" else 0)
+            if isinstance(image, str):
+                resampled = _resampled_template(image, mm)
+            else:
+                resampled = ants.resample_image(_to_ants(ants, image), (mm,) * 3,
+                                                use_voxels=False,
+                                                interp_type=1 if name == "metric_mask" else 0)
             ants.image_write(resampled, str(files[name]))
         ants.registration(fixed=[
             "--dimensionality", "3", "--float", "1", "--random-seed", str(RANDOM_SEED),
@@ -154,6 +158,15 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
             *levels, "--masks", f"[{files['metric_mask']},NA]",
         ], moving=None)
     return [f"{prefix}0GenericAffine.mat"]
+
+
+@functools.lru_cache(maxsize=None)
+def _resampled_template(kind: str, mm: float):
+    """The MNI152 map `kind` on an `mm` grid (linear), made once per process: every image of a
+    process registers to the same one."""
+    with _ants() as ants:
+        return ants.resample_image(_to_ants(ants, mni152(kind)), (mm,) * 3, use_voxels=False,
+                                   interp_type=0)
 
 
 def warp_to_subject(template_map: nib.Nifti1Image, reference_file, transforms,

@@ -43,6 +43,10 @@ class BrainMaskOutputSpec(TraitedSpec):
 
 
 class BrainMask(SimpleInterface):
+    """The brain mask on the conformed grid, by `method`: a supplied mask resampled onto it,
+    the template's mask warped onto it (grown, within the intensity mask, dents closed), or
+    the whole image."""
+
     input_spec = BrainMaskInputSpec
     output_spec = BrainMaskOutputSpec
 

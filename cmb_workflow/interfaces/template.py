@@ -30,6 +30,9 @@ class RegisterTemplateOutputSpec(TraitedSpec):
 
 
 class RegisterTemplate(SimpleInterface):
+    """Register the MNI152 template to the conformed image (an intensity mask starts it, mutual
+    information refines it); its transforms serve the brain mask and the MARS regions."""
+
     input_spec = RegisterTemplateInputSpec
     output_spec = RegisterTemplateOutputSpec
 
