@@ -103,10 +103,13 @@ def build_detector_ensemble(folder: Path, fmt: str, *, folds: int = 2, **fields)
                             names_relative_to=folder.parent if fmt != "h5" else None, **fields)
 
 
-def build_unet_ensemble(folder: Path, *, folds: int = 3, fmt: str = "h5", **unet_kwargs):
+def build_unet_ensemble(folder: Path, *, folds: int = 3, fmt: str = "h5",
+                        output_bias: float | None = None, **unet_kwargs):
     """A SHIVA-sized ensemble for benchmarks: randomly initialised U-Nets (speed does not depend
     on the weights), as v1 .h5 files saved under mixed_float16 like the public release, or as v2
-    SavedModels (float32: a mixed_float16 export does not run on CPU).
+    SavedModels (float32: a mixed_float16 export does not run on CPU). output_bias: the output
+    layer's bias, e.g. -20 to push every probability near 0, so that post-processing sees a
+    clean scan instead of the hundreds of "lesions" of random weights.
 
     Returns the descriptor and the last fold's model (for its parameter and FLOP counts).
     """
@@ -114,6 +117,10 @@ def build_unet_ensemble(folder: Path, *, folds: int = 3, fmt: str = "h5", **unet
     paths = []
     for fold in range(folds):
         model = build_with_policy(K, build_unet, mixed_precision=fmt == "h5", **unet_kwargs)
+        if output_bias is not None:
+            output = [layer for layer in model.layers if "Conv" in type(layer).__name__][-1]
+            kernel, bias = output.get_weights()
+            output.set_weights([kernel, bias * 0 + output_bias])
         paths.append(save_fold(model, folder, f"fold{fold}", fmt))
     return write_descriptor(folder, paths), model
 

@@ -1,0 +1,154 @@
+"""The whole workflow against prediction alone, the model repository's way (by hand, not in CI).
+
+    python benchmarks/workflow_ratio.py [--subjects 4] [--format savedmodel] [--folds 3]
+
+On N phantoms and one SHIVA-sized ensemble (random weights, output pushed near 0 so that
+post-processing sees a clean scan, as a real scan mostly is):
+- ours: `cmb-workflow run` with MultiProc on every core, from the raw images to OUT (conform,
+  brain mask with template registration, crop, normalise, predict, lesions, mimic scores,
+  regions, native space, QC, reports);
+- reference: the crops our run gave the model, predicted one process per scan as the model
+  repository's script does (benchmarks/prediction_speed.py's reference job), one after the
+  other.
+Prints both wall times and their ratio (the target is <= 1.0), each node's mean wall seconds in
+the run, the CPU seconds of the first image's nodes (and the first prediction job) run again
+alone, each in a fresh process as a cluster job runs it (so with Python's start and imports;
+Nipype's own resource monitor counts threads several times over), and the critical path: the
+slowest image's preprocessing chain, prediction, and the slowest image's post-processing chain
+(its nodes run one after the other, but for to_native beside regions). CPU seconds are the
+figure to compare on a shared machine; wall seconds follow the load.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from machine import cpu_description
+from prediction_speed import run_job
+
+# Post-processing nodes that run beside the chain (to_native needs only the mimic labels).
+BESIDE_THE_CHAIN = {"to_native"}
+
+
+def node_times(work: Path) -> dict:
+    """graph -> image -> node -> (wall s in the run, node folder) from Nipype's result files."""
+    from nipype.utils.filemanip import loadpkl
+
+    times = defaultdict(lambda: defaultdict(dict))
+    for result_file in work.rglob("result_*.pklz"):
+        folder = result_file.parent
+        parts = folder.relative_to(work).parts
+        times[parts[0]][parts[1]][parts[-1]] = (float(loadpkl(result_file).runtime.duration),
+                                                folder)
+    return times
+
+
+def rerun_cpu_seconds(folder: Path) -> float:
+    """CPU seconds of the node in `folder` run again in a fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, __file__, "--rerun", str(folder / "_node.pklz")],
+                   check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def rerun(node_file: str) -> None:
+    from nipype.utils.filemanip import loadpkl
+
+    node = loadpkl(node_file)
+    node.overwrite = True
+    node.run()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=4)
+    parser.add_argument("--format", choices=["savedmodel", "h5"], default="savedmodel")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--base-filters", type=int, default=10)
+    parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=27)
+    parser.add_argument("--rerun", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rerun:
+        return rerun(args.rerun)
+
+    from model_builders import build_unet_ensemble  # on the path prediction_speed sets
+
+    from cmb_workflow.configs import load_config
+    from cmb_workflow.runner import run_study
+    from cmb_workflow.synthetic import make_phantom_dataset
+
+    print(f"CPU: {cpu_description()}, {len(os.sched_getaffinity(0))} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        descriptor, model = build_unet_ensemble(
+            tmp / "models", folds=args.folds, fmt=args.format, base_filters=args.base_filters,
+            levels=args.levels, residual=args.format == "savedmodel", output_bias=-20.0)
+        print(f"ensemble: {args.format}, {args.folds} folds x {model.count_params():,} "
+              f"parameters; {args.subjects} phantoms")
+        make_phantom_dataset(tmp / "bids", args.subjects, seed=args.seed, modalities=("swi",))
+        config = load_config(overrides={"models": str(descriptor), "plugin": "MultiProc"})
+        start = time.perf_counter()
+        run_study(tmp / "bids", tmp / "out", config)
+        ours = time.perf_counter() - start
+
+        records = [json.loads(path.read_text())
+                   for path in sorted((tmp / "out" / "work" / "handoff").glob("*.json"))]
+        reference = 0.0
+        for index, record in enumerate(records):
+            wall, _ = run_job(descriptor, "reference", [record["image"]], [record["mask"]],
+                              tmp / f"reference_{index:02d}.nii.gz")
+            reference += wall
+        print(f"\nours, whole workflow: {ours:.1f} s ({ours / len(records):.1f} s per scan)")
+        print(f"reference, prediction alone: {reference:.1f} s "
+              f"({reference / len(records):.1f} s per scan)")
+        print(f"ratio ours / reference: {ours / reference:.2f}")
+
+        times = node_times(tmp / "out" / "work")
+        print(f"\n{'graph':<11} {'node':<20} {'images':>6} {'wall s':>7} {'CPU s alone':>11}  "
+              "(wall: mean per image in the run; predict: per job)")
+        for graph, images in times.items():
+            nodes = defaultdict(list)
+            for image_nodes in images.values():
+                for node, figures in image_nodes.items():
+                    nodes[node].append(figures)
+            for node, figures in sorted(nodes.items(), key=lambda item: -sum(
+                    wall for wall, _ in item[1])):
+                cpu = rerun_cpu_seconds(figures[0][1])
+                print(f"{graph:<11} {node:<20} {len(figures):>6} "
+                      f"{sum(w for w, _ in figures) / len(figures):>7.1f} {cpu:>11.1f}",
+                      flush=True)
+
+        def chain(graph: str, skip=()) -> float:
+            return max((sum(wall for node, (wall, _) in nodes.items() if node not in skip)
+                        for image, nodes in times[graph].items() if "predict" not in nodes),
+                       default=0.0)
+
+        predict = max((nodes["predict"][0] for nodes in times["predict"].values()
+                       if "predict" in nodes), default=0.0)
+        preprocess, postprocess = chain("preprocess"), chain("predict", BESIDE_THE_CHAIN)
+        print(f"\ncritical path: preprocessing {preprocess:.1f} s + prediction {predict:.1f} s "
+              f"+ post-processing {postprocess:.1f} s = {preprocess + predict + postprocess:.1f} "
+              f"s of the run's {ours:.1f} s")
+        # What the phase boundaries (and anything else) leave idle: cores x wall - node time,
+        # a prediction job counting for every core (TensorFlow uses them all).
+        cores = len(os.sched_getaffinity(0))
+        busy = sum(wall * (cores if node == "predict" else 1)
+                   for images in times.values() for nodes in images.values()
+                   for node, (wall, _) in nodes.items())
+        print(f"nodes ran {busy:.1f} s of {cores} cores x {ours:.1f} s "
+              f"({100 * busy / (cores * ours):.0f} %): {cores * ours - busy:.1f} core-s with no "
+              "node running (phase boundaries, start-up, graph building, summary)")
+
+
+if __name__ == "__main__":
+    main()
