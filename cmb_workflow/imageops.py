@@ -157,6 +157,11 @@ def resample(img: nib.Nifti1Image, shape, affine, interpolation: str, *, clamp: 
     return nib.Nifti1Image(data.astype(dtype), affine)
 
 
+def read_mask(path) -> np.ndarray:
+    """The mask stored at `path` as a boolean array: every non-zero voxel is inside."""
+    return np.asarray(nib.load(path).dataobj) > 0
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected part of a binary mask (all False if it is empty)."""
     labels, count = ndimage.label(mask)
