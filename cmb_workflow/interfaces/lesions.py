@@ -68,7 +68,7 @@ def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
         return labels, []
     voxel_volume = float(abs(np.linalg.det(affine[:3, :3])))
     centres = np.array(ndimage.center_of_mass(probability > threshold, components, kept))
-    world = centres @ affine[:3, :3].T + affine[:3, 3]
+    world = nib.affines.apply_affine(affine, centres)
     maxima = peaks[kept - 1]
     means = ndimage.mean(probability, components, kept)
     rows = [{"label": new_label, "x": round(float(x), 2), "y": round(float(y), 2),

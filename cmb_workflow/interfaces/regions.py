@@ -57,8 +57,8 @@ class LesionRegions(SimpleInterface):
             inverse = np.linalg.inv(labels_img.affine)
             centroids = {}
             for row in rows:
-                voxel = np.round(inverse[:3, :3] @ [row["x"], row["y"], row["z"]]
-                                 + inverse[:3, 3]).astype(int)
+                voxel = np.round(nib.affines.apply_affine(
+                    inverse, [row["x"], row["y"], row["z"]])).astype(int)
                 centroids[row["label"]] = np.clip(voxel, 0, np.array(labels.shape) - 1)
             regions = assign_regions(labels, atlas, centroids)
             mni = to_template([[row["x"], row["y"], row["z"]] for row in rows], transforms)

@@ -268,8 +268,8 @@ class SubjectReport(SimpleInterface):
         inverse = np.linalg.inv(conformed.affine)
         thumbnails = []
         for row in rows[:MAX_THUMBNAILS]:
-            index = np.round(inverse[:3, :3] @ [row["x"], row["y"], row["z"]]
-                             + inverse[:3, 3]).astype(int)
+            index = np.round(nib.affines.apply_affine(
+                inverse, [row["x"], row["y"], row["z"]])).astype(int)
             figure = _lesion_figure(data, labels, row, index, window, voxel_mm, orientation)
             thumbnails.append({**row, "uri": figure_uri(figure)})
 
