@@ -94,7 +94,8 @@ def first_json_difference(a, b, where: str = "") -> str | None:
             if found:
                 return found
         return None
-    return None if a == b else f"{where or '/'}: {a!r} vs {b!r}"
+    # As written: 1 and 1.0, or 1 and true, differ; NaN equals NaN.
+    return None if json.dumps(a) == json.dumps(b) else f"{where or '/'}: {a!r} vs {b!r}"
 
 
 def first_tsv_difference(text_a: str, text_b: str) -> str | None:
