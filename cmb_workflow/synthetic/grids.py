@@ -94,8 +94,8 @@ class NativeGrid:
 
     def world_to_index(self, points_world):
         points_world = np.asarray(points_world, dtype=float)
-        # Not apply_affine(inv(affine)): that rounds differently, and the phantoms' voxels would
-        # move by a bit.
+        # Not apply_affine(inv(affine)): it rounds differently (last bits of most coordinates),
+        # which could change the phantoms generated from a seed.
         return (points_world - self.affine[:3, 3]) @ np.linalg.inv(self.affine[:3, :3]).T
 
 
