@@ -161,6 +161,11 @@ def resample(img: nib.Nifti1Image, shape, affine, interpolation: str, *, clamp: 
     return nib.Nifti1Image(data.astype(dtype), affine)
 
 
+def read_mask(path) -> np.ndarray:
+    """The mask stored at `path` as a boolean array: every non-zero voxel is inside."""
+    return np.asarray(nib.load(path).dataobj) > 0
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected part of a binary mask (all False if it is empty)."""
     labels, count = ndimage.label(mask)
@@ -179,9 +184,9 @@ def conformed_grid(img: nib.Nifti1Image, voxel_size: float = 1.0):
     shape = np.array(img.shape[:3])
     # Corners of the field of view: voxel centres ± half a voxel.
     corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(3, -1)
-    world = img.affine[:3, :3] @ corners + img.affine[:3, 3:4]
-    low = np.floor(world.min(axis=1) / voxel_size) * voxel_size
-    high = np.ceil(world.max(axis=1) / voxel_size) * voxel_size
+    world = nib.affines.apply_affine(img.affine, corners.T)
+    low = np.floor(world.min(axis=0) / voxel_size) * voxel_size
+    high = np.ceil(world.max(axis=0) / voxel_size) * voxel_size
     out_shape = tuple(int(n) for n in np.round((high - low) / voxel_size))
     affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
     affine[:3, 3] = low + voxel_size / 2

@@ -171,7 +171,7 @@ def extract_box(data: np.ndarray, start, dimensions) -> np.ndarray:
 def box_affine(affine: np.ndarray, start) -> np.ndarray:
     """The affine of a box starting at voxel `start`: every voxel keeps its world position."""
     moved = np.array(affine, dtype=float)
-    moved[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    moved[:3, 3] = nib.affines.apply_affine(affine, start)
     return moved
 
 

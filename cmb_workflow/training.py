@@ -142,7 +142,7 @@ def lesion_target(lesions, affine, shape) -> np.ndarray:
     target = np.zeros(tuple(shape), bool)
     inverse = np.linalg.inv(affine)
     for lesion in lesions:
-        centre = inverse[:3, :3] @ [lesion["x"], lesion["y"], lesion["z"]] + inverse[:3, 3]
+        centre = nib.affines.apply_affine(inverse, [lesion["x"], lesion["y"], lesion["z"]])
         nearest = np.rint(centre).astype(int)
         if np.any(nearest < 0) or np.any(nearest >= shape):
             continue

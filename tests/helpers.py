@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
+
+# The comparison of two output folders is the maintainers' script, shared rather than copied.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import compare_outputs  # noqa: E402
 
 # Head geometry in world mm (scanner RAS), centred near the origin.
 BRAIN_RADII = np.array([62.0, 80.0, 60.0])
@@ -107,36 +111,22 @@ def read_tsv(path) -> list[dict]:
         return list(csv.DictReader(handle, delimiter="\t"))
 
 
-def result_files(out: Path) -> list[Path]:
-    """Every file a run wrote to OUT, without its work folder and logs."""
-    return [path for path in sorted(out.rglob("*")) if path.is_file()
-            and not {"work", "logs"} & set(path.relative_to(out).parts)]
-
-
 def comparable_bytes(path: Path) -> bytes:
     """A result file's bytes, less the report's command line (it names OUT and the plugin,
     which differ between runs that must otherwise give the same results)."""
     data = path.read_bytes()
     if path.name.endswith("_report.html"):
-        data = re.sub(rb"<h2>Command line</h2><pre>.*?</pre>", b"", data, flags=re.DOTALL)
+        data = compare_outputs.COMMAND_LINE.sub(r"\1\2", data.decode()).encode()
     return data
 
 
 def result_digests(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(comparable_bytes(p)).hexdigest()
-            for p in result_files(out)}
+    """Every result file's comparable bytes, hashed: runs that must give byte-identical files."""
+    return {relative: hashlib.sha256(comparable_bytes(path)).hexdigest()
+            for relative, path in compare_outputs.output_files(out).items()}
 
 
 def assert_same_results(out: Path, reference: Path) -> None:
-    """Same files; NIfTI voxel arrays equal, other files equal as text."""
-    ours, theirs = result_files(out), result_files(reference)
-    assert [p.relative_to(out) for p in ours] == [p.relative_to(reference) for p in theirs]
-    for path, other in zip(ours, theirs):
-        if path.name.endswith(".nii.gz"):
-            a, b = nib.load(path), nib.load(other)
-            assert a.get_data_dtype() == b.get_data_dtype(), path
-            np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj),
-                                          err_msg=str(path))
-            np.testing.assert_array_equal(a.affine, b.affine, err_msg=str(path))
-        else:
-            assert comparable_bytes(path) == comparable_bytes(other), path
+    """Same files; NIfTI voxels and headers equal, other files equal as text
+    (scripts/compare_outputs.py, whose verdicts pytest shows on failure)."""
+    assert compare_outputs.compare_folders(reference, out) == 0

@@ -18,7 +18,7 @@ from cmb_workflow.interfaces.conform import Conform
 from cmb_workflow.interfaces.template import RegisterTemplate
 from cmb_workflow.models import ModelError, read_descriptor
 from cmb_workflow.synthetic import make_phantom, subject_plan
-from cmb_workflow.workflow.brainmask import init_brain_mask_wf
+from cmb_workflow.workflow.masking import init_brain_mask_wf
 
 # Whole pipelines, registrations or full-size predictions: the full suite only.
 pytestmark = pytest.mark.slow

@@ -1,10 +1,13 @@
 """The bundled demo model: verified, labelled as a demo, and it finds microbleeds on a phantom."""
 
+import contextlib
 import csv
+import io
 import json
 
 import numpy as np
 import pytest
+from helpers import compare_outputs
 
 from cmb_workflow.cli import main
 from cmb_workflow.demo import demo_model_descriptor
@@ -38,13 +41,23 @@ def test_lesion_target_marks_the_diameter_around_world_centres():
     assert sphere_voxels == 81  # lattice points within 2.5 voxels of a lattice centre
 
 
-def test_demo_finds_most_microbleeds_of_a_fixed_phantom(tmp_path, capsys):
+DEMO_ARGS = ["--n-subjects", "1", "--seed", "4"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`cmb-workflow demo` on one fixed phantom: its folder and what it printed."""
+    out = tmp_path_factory.mktemp("demo")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["demo", str(out), *DEMO_ARGS]) == 0
+    return out, printed.getvalue()
+
+
+def test_demo_finds_most_microbleeds_of_a_fixed_phantom(demo_run):
     """`cmb-workflow demo` end to end: phantom, pipeline with the bundled model, evaluation."""
-    status = main(["demo", str(tmp_path), "--n-subjects", "1", "--seed", "4"])
-    assert status == 0
-    printed = capsys.readouterr().out
-    assert "sens" in printed and str(tmp_path / "results" / "index.html") in printed
-    with open(tmp_path / "evaluation.tsv", newline="") as handle:
+    out, printed = demo_run
+    assert "sens" in printed and str(out / "results" / "index.html") in printed
+    with open(out / "evaluation.tsv", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     distance = [row for row in rows if row["view"] == "distance"]
     pooled = next(row for row in distance if row["scope"] == "pooled")
@@ -55,6 +68,13 @@ def test_demo_finds_most_microbleeds_of_a_fixed_phantom(tmp_path, capsys):
     assert n_ref >= 4
     assert sum(int(row["tp"]) for row in sized) >= 0.8 * n_ref
     assert float(pooled["fp_per_scan"]) <= 1
+
+
+def test_demo_run_twice_gives_the_same_outputs(demo_run, tmp_path):
+    """Same inputs, same outputs, as scripts/compare_outputs.py judges them: the check a
+    maintainer runs on main and on a branch (docs/pipeline.md, Refactoring safely)."""
+    assert main(["demo", str(tmp_path), *DEMO_ARGS]) == 0
+    assert compare_outputs.compare_folders(demo_run[0], tmp_path) == 0
 
 
 def test_training_is_reproducible_from_its_seed(tmp_path):

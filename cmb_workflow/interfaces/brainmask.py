@@ -10,7 +10,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     SimpleInterface, TraitedSpec, isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import ImageError, largest_component, load_volume
+from ..imageops import ImageError, largest_component, load_volume, read_mask
 from ..preprocessing import CONVENTIONS, MASK_THRESHOLD, clean_mask, mask_onto_grid
 from ..registration import mni152, warp_to_subject
 
@@ -53,7 +53,7 @@ class BrainMask(SimpleInterface):
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
         if self.inputs.method == "template":
-            within = np.asarray(nib.load(self.inputs.intensity_mask).dataobj) > 0
+            within = read_mask(self.inputs.intensity_mask)
             mask = template_mask(self.inputs.in_file, self.inputs.template_transforms, within)
             if self.inputs.convention == "shivai":
                 mask = clean_mask(mask, nib.affines.voxel_sizes(img.affine))

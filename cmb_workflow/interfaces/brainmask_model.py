@@ -63,8 +63,8 @@ class PredictBrainMask(SimpleInterface):
         # The box spans the whole field of view, with voxels of whatever size that takes.
         fov_affine = img.affine.copy()
         fov_affine[:3, :3] = img.affine[:3, :3] * (np.array(img.shape) / dimensions)
-        fov_affine[:3, 3] = img.affine[:3, :3] @ ((np.array(img.shape) / dimensions - 1) / 2) \
-            + img.affine[:3, 3]
+        fov_affine[:3, 3] = nib.affines.apply_affine(
+            img.affine, (np.array(img.shape) / dimensions - 1) / 2)
         squeezed = np.asarray(resample(img, dimensions, fov_affine, "linear").dataobj)
         rough = on_image_grid(ensemble.predict(scaled(squeezed, squeezed > 0))[0], fov_affine)
         if not rough.any():

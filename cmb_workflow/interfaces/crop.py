@@ -8,7 +8,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..imageops import WORK_IMAGE_SUFFIX
+from ..imageops import WORK_IMAGE_SUFFIX, read_mask
 from ..preprocessing import CONVENTIONS, box_affine, crop_start, extract_box
 
 
@@ -37,7 +37,7 @@ class CropToBrain(SimpleInterface):
 
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
-        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        mask = read_mask(self.inputs.mask_file)
         dimensions = np.asarray(self.inputs.dimensions)
         start = crop_start(mask, dimensions, self.inputs.top_margin, self.inputs.convention)
         affine = box_affine(img.affine, start)

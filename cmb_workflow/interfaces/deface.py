@@ -3,10 +3,9 @@
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec
 
-from ..imageops import ImageError, WORK_IMAGE_SUFFIX
+from ..imageops import ImageError, WORK_IMAGE_SUFFIX, read_mask
 from ..preprocessing import deface
 
 
@@ -27,7 +26,7 @@ class Deface(SimpleInterface):
 
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
-        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        mask = read_mask(self.inputs.mask_file)
         try:
             defaced = deface(img, mask)
         except ImageError as exc:

@@ -8,7 +8,8 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface,
                                     TraitedSpec, isdefined, traits)
 
-from ..imageops import copy_atomic, remove_stale_temporaries, save_atomic, write_text_atomic
+from ..imageops import (copy_atomic, read_mask, remove_stale_temporaries, save_atomic,
+                        write_text_atomic)
 from ..mars import MARS_CLASSES, MNI_COLUMNS, REGION_COLUMNS, REGIONS
 from ..mimics import MIMIC_COLUMNS, MIMIC_SIDECAR
 from .lesions import DEFINITE_MIN_PROB, LESION_COLUMNS
@@ -132,7 +133,7 @@ class WriteDerivatives(SimpleInterface):
         """The array given to the model and its mask, on the model's grid (--save-model-input)."""
         image = nib.load(self.inputs.model_input)
         data = np.asarray(image.dataobj, dtype=np.float32)
-        mask = np.asarray(nib.load(self.inputs.model_input_mask).dataobj) > 0
+        mask = read_mask(self.inputs.model_input_mask)
         if self.inputs.model_input_masked:
             data = data * mask  # as Predict computes it
         suffix = self.inputs.modality

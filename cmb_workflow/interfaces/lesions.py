@@ -9,6 +9,8 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 from scipy import ndimage
 
+from ..imageops import read_mask
+
 LESION_COLUMNS = ("label", "x", "y", "z", "volume_mm3", "max_prob", "mean_prob", "confidence")
 # A lesion is "definite" when the ensemble's mean probability somewhere in it reaches this, else
 # "possible" (the two grades of MARS): at 0.9 the folds must agree that a voxel is lesion, where
@@ -66,7 +68,7 @@ def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
         return labels, []
     voxel_volume = float(abs(np.linalg.det(affine[:3, :3])))
     centres = np.array(ndimage.center_of_mass(probability > threshold, components, kept))
-    world = centres @ affine[:3, :3].T + affine[:3, 3]
+    world = nib.affines.apply_affine(affine, centres)
     maxima = peaks[kept - 1]
     means = ndimage.mean(probability, components, kept)
     rows = [{"label": new_label, "x": round(float(x), 2), "y": round(float(y), 2),
@@ -91,8 +93,7 @@ class LabelLesions(SimpleInterface):
 
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
-        brain = (np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
-                 if isdefined(self.inputs.brain_mask) else None)
+        brain = read_mask(self.inputs.brain_mask) if isdefined(self.inputs.brain_mask) else None
         labels, rows = label_lesions(np.asarray(img.dataobj, dtype=np.float32), img.affine,
                                      self.inputs.threshold, self.inputs.connectivity,
                                      self.inputs.min_size, self.inputs.min_peak, brain)

@@ -9,6 +9,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..imageops import read_mask
 from ..mimics import score_lesions
 
 
@@ -40,7 +41,7 @@ class ScoreMimics(SimpleInterface):
         rows = json.loads(Path(self.inputs.lesion_table).read_text())
         if rows:
             image = np.asarray(nib.load(self.inputs.image).dataobj, dtype=np.float32)
-            brain = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+            brain = read_mask(self.inputs.brain_mask)
             rows = score_lesions(rows, image, labels, brain, labels_img.affine)
         dropped = [row for row in rows
                    if self.inputs.drop_likely_mimics and row["likely_mimic"] == "yes"]

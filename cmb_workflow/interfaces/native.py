@@ -37,7 +37,8 @@ def native_labels(labels: nib.Nifti1Image, rows, shape, affine) -> np.ndarray:
     for row in rows:
         if row["label"] in present:
             continue
-        voxel = np.round(inverse[:3, :3] @ [row["x"], row["y"], row["z"]] + inverse[:3, 3]).astype(int)
+        voxel = np.round(nib.affines.apply_affine(
+            inverse, [row["x"], row["y"], row["z"]])).astype(int)
         if np.all(voxel >= 0) and np.all(voxel < shape):
             native[tuple(voxel)] = row["label"]
     return native

@@ -7,7 +7,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..imageops import ImageError, WORK_IMAGE_SUFFIX
+from ..imageops import ImageError, WORK_IMAGE_SUFFIX, read_mask
 from ..preprocessing import normalize
 
 
@@ -34,7 +34,7 @@ class Normalize(SimpleInterface):
 
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
-        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        mask = read_mask(self.inputs.mask_file)
         try:
             data = normalize(np.asarray(img.dataobj), mask, self.inputs.method,
                              self.inputs.percentile, self.inputs.clip_max)

@@ -8,7 +8,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..imageops import WORK_IMAGE_SUFFIX
+from ..imageops import WORK_IMAGE_SUFFIX, read_mask
 from ..models import PRECISIONS, bfloat16_candidate, load_ensemble
 from .lesions import label_lesions
 
@@ -70,7 +70,7 @@ class Predict(SimpleInterface):
         for index, (in_file, mask_file) in enumerate(zip(self.inputs.in_files,
                                                          self.inputs.mask_files)):
             img = nib.load(in_file)
-            mask = np.asarray(nib.load(mask_file).dataobj) > 0
+            mask = read_mask(mask_file)
             data = np.asarray(img.dataobj, dtype=np.float32)
             if self.inputs.mask_input:
                 data = data * mask

@@ -9,6 +9,8 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..imageops import read_mask
+
 # Normalised intensities: the ceiling is 1; "dark" is below a tenth of it.
 SATURATED_LEVEL, DARK_LEVEL = 0.999, 0.1
 
@@ -86,7 +88,7 @@ class QualityControl(SimpleInterface):
     output_spec = QualityControlOutputSpec
 
     def _run_interface(self, runtime):
-        mask = np.asarray(nib.load(self.inputs.mask).dataobj) > 0
+        mask = read_mask(self.inputs.mask)
         brain = np.asarray(nib.load(self.inputs.image).dataobj)[mask]
         box = json.loads(Path(self.inputs.box).read_text())
         rows = json.loads(Path(self.inputs.lesion_table).read_text())

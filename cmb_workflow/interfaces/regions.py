@@ -10,6 +10,7 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..imageops import read_mask
 from ..mars import MNI_COLUMNS, UNKNOWN, assign_regions, mars_atlas
 from ..registration import mni152, to_template, warp_to_subject
 
@@ -49,15 +50,15 @@ class LesionRegions(SimpleInterface):
                                                "nearestNeighbor").dataobj).astype(np.uint8)
             template = np.asarray(warp_to_subject(mni152("brain_mask"), self.inputs.labels,
                                                   transforms).dataobj) >= 0.5
-            mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+            mask = read_mask(self.inputs.brain_mask)
             overlap = 2.0 * np.count_nonzero(template & mask)
             total = np.count_nonzero(template) + np.count_nonzero(mask)
             quality["template_brain_dice"] = round(overlap / total, 4) if total else 0.0
             inverse = np.linalg.inv(labels_img.affine)
             centroids = {}
             for row in rows:
-                voxel = np.round(inverse[:3, :3] @ [row["x"], row["y"], row["z"]]
-                                 + inverse[:3, 3]).astype(int)
+                voxel = np.round(nib.affines.apply_affine(
+                    inverse, [row["x"], row["y"], row["z"]])).astype(int)
                 centroids[row["label"]] = np.clip(voxel, 0, np.array(labels.shape) - 1)
             regions = assign_regions(labels, atlas, centroids)
             mni = to_template([[row["x"], row["y"], row["z"]] for row in rows], transforms)

@@ -12,7 +12,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import resample
+from ..imageops import read_mask, resample
 from ..mars import MNI_COLUMNS, mars_counts
 from ..mimics import LIKELY_MIMIC_MIN_SCORE
 from ..rendering import cmb_count_band, figure_uri, model_summary, plt, render, software_versions
@@ -253,7 +253,7 @@ class SubjectReport(SimpleInterface):
         conformed = nib.load(self.inputs.conformed)
         data = conformed.get_fdata(dtype=np.float32)
         voxel_mm = conformed.header.get_zooms()[:3]
-        mask = np.asarray(nib.load(self.inputs.brain_mask).dataobj) > 0
+        mask = read_mask(self.inputs.brain_mask)
         box = json.loads(Path(self.inputs.box).read_text())
         rows = lesion_rows(json.loads(Path(self.inputs.lesion_table).read_text()))
         qc = json.loads(Path(self.inputs.qc).read_text())
@@ -268,8 +268,8 @@ class SubjectReport(SimpleInterface):
         inverse = np.linalg.inv(conformed.affine)
         thumbnails = []
         for row in rows[:MAX_THUMBNAILS]:
-            index = np.round(inverse[:3, :3] @ [row["x"], row["y"], row["z"]]
-                             + inverse[:3, 3]).astype(int)
+            index = np.round(nib.affines.apply_affine(
+                inverse, [row["x"], row["y"], row["z"]])).astype(int)
             figure = _lesion_figure(data, labels, row, index, window, voxel_mm, orientation)
             thumbnails.append({**row, "uri": figure_uri(figure)})
 

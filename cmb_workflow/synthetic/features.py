@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from nibabel.affines import apply_affine
 from scipy.interpolate import make_interp_spline
 from scipy.special import expit
 
 from .atlas import LOCATIONS
-from .grids import apply_affine
 
 LOCATION_PROBABILITIES = (0.5, 0.3, 0.2)  # lobar, deep, infratentorial
 DIAMETER_RANGE_MM = (2.0, 10.0)

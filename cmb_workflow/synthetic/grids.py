@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from nibabel.affines import apply_affine
 from scipy.spatial.transform import Rotation
 
 # Voxel axis direction per orientation letter: (world axis, sign).
@@ -93,6 +94,8 @@ class NativeGrid:
 
     def world_to_index(self, points_world):
         points_world = np.asarray(points_world, dtype=float)
+        # Not apply_affine(inv(affine)): it rounds differently (last bits of most coordinates),
+        # which could change the phantoms generated from a seed.
         return (points_world - self.affine[:3, 3]) @ np.linalg.inv(self.affine[:3, :3]).T
 
 
@@ -106,10 +109,6 @@ def random_pose(rng, brain_centre) -> np.ndarray:
     pose[:3, :3] = scale * rotation
     pose[:3, 3] = translation - pose[:3, :3] @ brain_centre
     return pose
-
-
-def apply_affine(affine, points):
-    return np.asarray(points) @ affine[:3, :3].T + affine[:3, 3]
 
 
 def _axis_directions(rng, spec: Grid) -> np.ndarray:

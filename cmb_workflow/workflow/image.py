@@ -23,7 +23,7 @@ from ..interfaces.normalize import Normalize
 from ..interfaces.qc import QualityControl
 from ..interfaces.regions import LesionRegions
 from ..interfaces.report import SubjectReport
-from .brainmask import init_brain_mask_wf
+from .masking import init_brain_mask_wf
 
 
 def init_preprocess_wf(job, config: Settings, handoff_file: str, *, name: str) -> pe.Workflow:
