@@ -4,9 +4,7 @@ A microbleed is small, round, isolated and dark all round. Its commonest mimics 
 dark tube that goes on beyond the candidate), partial-volume edges (dark against one side only,
 typically where bright CSF meets tissue) and iron-dark nuclei (a large dark region the candidate
 is only part of). Each lesion is measured on the image the model saw, in a patch around it;
-nothing here depends on the model. Where a detection sits on a compact dark blob, the lesion
-measured is that blob, freed of the thinner veins touching it: a detection may mark only part
-of a bleed, and a bleed may lie against a vein. The rule that combines the measures is in `mimic_score` and
+nothing here depends on the model. The rule that combines the measures is in `mimic_score` and
 docs/mimics.md.
 """
 
@@ -42,14 +40,12 @@ CONTRAST_RAMP = (0.10, 0.0)
 # The dark structure's volume in the patch: a 10 mm microbleed, rim included, stays under the
 # ramp's start; a deep nucleus or a vein tree does not.
 LARGE_DARK_RAMP_MM3 = (1000.0, 2500.0)
-# Its length along its long axis, over the same sizes: the diameters of balls of those volumes.
-LENGTH_RAMP_MM = tuple(float((6 * v / np.pi) ** (1 / 3)) for v in LARGE_DARK_RAMP_MM3)
 # The widest microbleed, blooming included.
 MAX_BLEED_MM = 10.0
 LIKELY_MIMIC_MIN_SCORE = 0.5
 
 FEATURE_COLUMNS = ("contrast", "elongation", "sphericity", "vesselness", "tube_continues",
-                   "one_sided", "dark_volume_mm3", "length_mm", "dist_csf_mm", "dist_surface_mm")
+                   "one_sided", "dark_volume_mm3", "dist_csf_mm", "dist_surface_mm")
 MIMIC_COLUMNS = (*FEATURE_COLUMNS, "mimic_score", "likely_mimic")
 
 _YES_NO = {"yes": "yes", "no": "no"}
@@ -57,8 +53,7 @@ MIMIC_SIDECAR = {
     "contrast": {"Description": "How much darker the lesion's darkest voxel is than its "
                                 "surroundings (1-4 mm away, in the brain), relative to them"},
     "elongation": {"Description": "sqrt of the largest over the middle inertia eigenvalue of "
-                                  "the dark structure the lesion belongs to (the lesion's "
-                                  "own blob where it has one) (1: round)"},
+                                  "the dark structure the lesion belongs to (1: round)"},
     "sphericity": {"Description": "sqrt of the smallest over the largest inertia eigenvalue of "
                                   "that dark structure (1: a sphere)"},
     "vesselness": {"Description": "Median Frangi vesselness (dark tubes, 0.5-2 mm scales) over "
@@ -73,9 +68,6 @@ MIMIC_SIDECAR = {
                                  "dark all round"},
     "dark_volume_mm3": {"Description": "Volume of that dark structure within "
                                        f"{PATCH_RADIUS_MM:g} mm of the lesion", "Units": "mm^3"},
-    "length_mm": {"Description": "Length of that dark structure along its long axis (that of "
-                                 "a uniform ellipsoid with its spread: a ball's diameter)",
-                  "Units": "mm"},
     "dist_csf_mm": {"Description": "Distance to bright CSF (brain voxels "
                                    f"{CSF_EXCESS:.0%} above the median), at most "
                                    f"{PATCH_RADIUS_MM:g}", "Units": "mm"},
@@ -147,10 +139,12 @@ def _features(image, detection, brain, spacing, tissue_median) -> dict:
     csf = _csf(image, brain, tissue_median)
     return {
         "contrast": round(depth / surroundings, 3) if surroundings > 0 else 0.0,
-        **_shape(eigenvalues, dark.sum() * np.prod(spacing)),
+        "elongation": round(float(np.sqrt(eigenvalues[0] / eigenvalues[1])), 2),
+        "sphericity": round(float(np.sqrt(eigenvalues[2] / eigenvalues[0])), 2),
         "vesselness": round(vesselness, 3),
         "tube_continues": "yes" if beyond >= CONTINUES_MM else "no",
         "one_sided": round(_one_sided(image, shell_in_brain, core, centre, spacing), 3),
+        "dark_volume_mm3": round(float(dark.sum() * np.prod(spacing)), 1),
         "dist_csf_mm": _distance_to(csf, lesion, spacing),
         "dist_surface_mm": _distance_to(~brain, lesion, spacing),
     }
@@ -200,25 +194,10 @@ def _own_blob(dark, detection, spacing):
     blob = components == np.bincount(touching).argmax()
     grown = ndimage.binary_dilation(blob, np.ones((3, 3, 3), bool))
     eigenvalues, _ = _inertia(np.argwhere(blob) * spacing, spacing)
-    compact = _shape_score(_shape(eigenvalues, blob.sum() * np.prod(spacing))) == 0
+    compact = (np.sqrt(eigenvalues[0] / eigenvalues[1]) <= ELONGATION_RAMP[0]
+               and np.sqrt(eigenvalues[2] / eigenvalues[0]) >= SPHERICITY_RAMP[0]
+               and blob.sum() * np.prod(spacing) <= LARGE_DARK_RAMP_MM3[0])
     return blob if compact and 2 * grown[detection].sum() >= detection.sum() else None
-
-
-def _shape(eigenvalues, volume_mm3) -> dict:
-    """The shape features of a dark structure from its inertia eigenvalues and volume."""
-    return {"elongation": round(float(np.sqrt(eigenvalues[0] / eigenvalues[1])), 2),
-            "sphericity": round(float(np.sqrt(eigenvalues[2] / eigenvalues[0])), 2),
-            "dark_volume_mm3": round(float(volume_mm3), 1),
-            # That of a uniform ellipsoid with this spread: a ball's diameter.
-            "length_mm": round(float(2 * np.sqrt(5 * eigenvalues[0])), 1)}
-
-
-def _shape_score(shape: dict) -> float:
-    """How little the shape is a microbleed's: elongated, flat, or larger than any."""
-    return max(_ramp(shape["elongation"], ELONGATION_RAMP),
-               _ramp(shape["sphericity"], SPHERICITY_RAMP),
-               _ramp(shape["dark_volume_mm3"], LARGE_DARK_RAMP_MM3),
-               _ramp(shape["length_mm"], LENGTH_RAMP_MM))
 
 
 def _dark_structure(image, lesion, level):
@@ -275,12 +254,14 @@ def mimic_score(features: dict) -> float:
     """The score of the lesion's most mimic-like trait, each trait scaled to [0, 1]: a dark
     tube that goes on beyond it on both sides (1), elongation, flatness, darkness on one side
     only, too little contrast against its surroundings, and belonging to a dark region larger
-    or longer than any microbleed."""
+    than any microbleed."""
     return round(max(
         1.0 if features["tube_continues"] == "yes" else 0.0,
-        _shape_score(features),
+        _ramp(features["elongation"], ELONGATION_RAMP),
+        _ramp(features["sphericity"], SPHERICITY_RAMP),
         _ramp(features["one_sided"], ONE_SIDED_RAMP),
         _ramp(features["contrast"], CONTRAST_RAMP),
+        _ramp(features["dark_volume_mm3"], LARGE_DARK_RAMP_MM3),
     ), 3)
 
 
