@@ -4,7 +4,9 @@ A microbleed is small, round, isolated and dark all round. Its commonest mimics 
 dark tube that goes on beyond the candidate), partial-volume edges (dark against one side only,
 typically where bright CSF meets tissue) and iron-dark nuclei (a large dark region the candidate
 is only part of). Each lesion is measured on the image the model saw, in a patch around it;
-nothing here depends on the model. The rule that combines the measures is in `mimic_score` and
+nothing here depends on the model. Where a detection sits on a compact dark blob, the lesion
+measured is that blob, freed of the thinner veins touching it: a detection may mark only part
+of a bleed, and a bleed may lie against a vein. The rule that combines the measures is in `mimic_score` and
 docs/mimics.md.
 """
 
@@ -53,7 +55,8 @@ MIMIC_SIDECAR = {
     "contrast": {"Description": "How much darker the lesion's darkest voxel is than its "
                                 "surroundings (1-4 mm away, in the brain), relative to them"},
     "elongation": {"Description": "sqrt of the largest over the middle inertia eigenvalue of "
-                                  "the dark structure the lesion belongs to (1: round)"},
+                                  "the dark structure the lesion belongs to (the lesion's "
+                                  "own blob where it has one) (1: round)"},
     "sphericity": {"Description": "sqrt of the smallest over the largest inertia eigenvalue of "
                                   "that dark structure (1: a sphere)"},
     "vesselness": {"Description": "Median Frangi vesselness (dark tubes, 0.5-2 mm scales) over "
