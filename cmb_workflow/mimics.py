@@ -55,8 +55,8 @@ MIMIC_SIDECAR = {
     "contrast": {"Description": "How much darker the lesion's darkest voxel is than its "
                                 "surroundings (1-4 mm away, in the brain), relative to them"},
     "elongation": {"Description": "sqrt of the largest over the middle inertia eigenvalue of "
-                                  "the dark structure the lesion belongs to (the lesion's "
-                                  "own blob where it has one) (1: round)"},
+                                  "the dark structure the lesion belongs to, which is its "
+                                  "own blob where it has one (1: round)"},
     "sphericity": {"Description": "sqrt of the smallest over the largest inertia eigenvalue of "
                                   "that dark structure (1: a sphere)"},
     "vesselness": {"Description": "Median Frangi vesselness (dark tubes, 0.5-2 mm scales) over "
