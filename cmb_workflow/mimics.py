@@ -4,7 +4,9 @@ A microbleed is small, round, isolated and dark all round. Its commonest mimics 
 dark tube that goes on beyond the candidate), partial-volume edges (dark against one side only,
 typically where bright CSF meets tissue) and iron-dark nuclei (a large dark region the candidate
 is only part of). Each lesion is measured on the image the model saw, in a patch around it;
-nothing here depends on the model. The rule that combines the measures is in `mimic_score` and
+nothing here depends on the model. Where a detection sits on a compact dark blob, the lesion
+measured is that blob, freed of the thinner veins touching it: a detection may mark only part
+of a bleed, and a bleed may lie against a vein. The rule that combines the measures is in `mimic_score` and
 docs/mimics.md.
 """
 
@@ -40,6 +42,8 @@ CONTRAST_RAMP = (0.10, 0.0)
 # The dark structure's volume in the patch: a 10 mm microbleed, rim included, stays under the
 # ramp's start; a deep nucleus or a vein tree does not.
 LARGE_DARK_RAMP_MM3 = (1000.0, 2500.0)
+# The widest microbleed, blooming included.
+MAX_BLEED_MM = 10.0
 LIKELY_MIMIC_MIN_SCORE = 0.5
 
 FEATURE_COLUMNS = ("contrast", "elongation", "sphericity", "vesselness", "tube_continues",
@@ -51,7 +55,8 @@ MIMIC_SIDECAR = {
     "contrast": {"Description": "How much darker the lesion's darkest voxel is than its "
                                 "surroundings (1-4 mm away, in the brain), relative to them"},
     "elongation": {"Description": "sqrt of the largest over the middle inertia eigenvalue of "
-                                  "the dark structure the lesion belongs to (1: round)"},
+                                  "the dark structure the lesion belongs to, which is its "
+                                  "own blob where it has one (1: round)"},
     "sphericity": {"Description": "sqrt of the smallest over the largest inertia eigenvalue of "
                                   "that dark structure (1: a sphere)"},
     "vesselness": {"Description": "Median Frangi vesselness (dark tubes, 0.5-2 mm scales) over "
@@ -102,22 +107,28 @@ def lesion_features(image: np.ndarray, labels: np.ndarray, brain: np.ndarray,
     return features
 
 
-def _features(image, lesion, brain, spacing, tissue_median) -> dict:
-    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
-    shell = (distance > SHELL_MM[0]) & (distance <= SHELL_MM[1])
-    shell_in_brain = shell & brain if (shell & brain).any() else shell
-    surroundings = float(np.median(image[shell_in_brain]))
-    darkest = float(image[lesion].min())
+def _features(image, detection, brain, spacing, tissue_median) -> dict:
+    shell_in_brain, surroundings = _surroundings(image, detection, brain, spacing)
+    darkest = float(image[detection].min())
+    # Against the brain's typical tissue where the surroundings are darker than that, so a spot
+    # in a dark nucleus belongs to the whole nucleus.
+    reference = max(surroundings, tissue_median)
+    dark = _dark_structure(image, detection, darkest + HALF_DEPTH * (reference - darkest)) \
+        if reference > darkest else detection
+    lesion = _own_blob(dark, detection, spacing)
+    if lesion is None:
+        lesion = detection
+    else:
+        # The bleed the detection marks, whole: judged against the tissue around it, not
+        # against the veins that touch it, and as its own shape, not with theirs.
+        shell_in_brain, surroundings = _surroundings(image, lesion, brain & ~dark, spacing)
+        darkest = float(image[lesion].min())
+        dark = lesion
     core = float(image[lesion].mean())
     depth = surroundings - darkest
 
     coordinates = np.argwhere(lesion) * spacing
     centre = coordinates.mean(axis=0)
-    # Against the brain's typical tissue where the surroundings are darker than that, so a spot
-    # in a dark nucleus belongs to the whole nucleus.
-    reference = max(surroundings, tissue_median)
-    dark = _dark_structure(image, lesion, darkest + HALF_DEPTH * (reference - darkest)) \
-        if reference > darkest else lesion
     dark_points = np.argwhere(dark) * spacing
     eigenvalues, axes = _inertia(dark_points, spacing)
     along = (dark_points - centre) @ axes[:, 0]
@@ -151,6 +162,45 @@ def _vesselness(image, lesion, spacing) -> float:
     response = frangi(image[box], sigmas=[s / float(spacing.mean()) for s in VESSEL_SIGMAS_MM],
                       black_ridges=True)
     return float(np.median(response[lesion[box]]))
+
+
+def _surroundings(image, lesion, brain, spacing):
+    """The shell SHELL_MM around the lesion (in the brain, unless none of it is) and its median."""
+    distance = ndimage.distance_transform_edt(~lesion, sampling=spacing)
+    shell = (distance > SHELL_MM[0]) & (distance <= SHELL_MM[1])
+    shell_in_brain = shell & brain if (shell & brain).any() else shell
+    return shell_in_brain, float(np.median(image[shell_in_brain]))
+
+
+def _own_blob(dark, detection, spacing):
+    """The compact dark blob the detection sits on, without the thinner dark structures that
+    touch it (veins), or None if there is none.
+
+    The dark structure is opened with a ball one voxel narrower than the widest it gets within
+    a microbleed's radius of the detection: a bleed wider than the vein it touches survives,
+    the vein does not, and a vein on its own stays a vein. The result is the blob if it is
+    shaped like a microbleed (scores 0 on elongation, flatness and volume) and holds at least
+    half of the detection, give or take a voxel."""
+    width = ndimage.distance_transform_edt(dark, sampling=spacing)
+    near = ndimage.distance_transform_edt(~detection, sampling=spacing) <= MAX_BLEED_MM / 2
+    radius = width[near & dark].max() - spacing.max()
+    if radius > 0:
+        opened = dark & (ndimage.distance_transform_edt(~(width > radius), sampling=spacing)
+                         <= radius)
+    else:
+        opened = dark
+    components, _ = ndimage.label(opened, np.ones((3, 3, 3), bool))
+    touching = components[ndimage.binary_dilation(detection, np.ones((3, 3, 3), bool))]
+    touching = touching[touching > 0]
+    if not len(touching):
+        return None
+    blob = components == np.bincount(touching).argmax()
+    grown = ndimage.binary_dilation(blob, np.ones((3, 3, 3), bool))
+    eigenvalues, _ = _inertia(np.argwhere(blob) * spacing, spacing)
+    compact = (np.sqrt(eigenvalues[0] / eigenvalues[1]) <= ELONGATION_RAMP[0]
+               and np.sqrt(eigenvalues[2] / eigenvalues[0]) >= SPHERICITY_RAMP[0]
+               and blob.sum() * np.prod(spacing) <= LARGE_DARK_RAMP_MM3[0])
+    return blob if compact and 2 * grown[detection].sum() >= detection.sum() else None
 
 
 def _dark_structure(image, lesion, level):

@@ -129,3 +129,19 @@ def test_score_mimics_drops_and_renumbers_when_asked(tmp_path):
             assert [(row["label"], row["volume_mm3"]) for row in rows] == [(1, 33.0)]
             assert [row["label"] for row in dropped] == [1]
             assert np.array_equal(out_labels, np.where(labels == 2, 1, 0))
+
+
+def test_a_bleed_against_a_vein_is_judged_on_its_own_blob():
+    """A round bleed wider than the vein it touches is not flagged, from its centre or from a
+    one-voxel detection on its rim; the vein alone still is (test above)."""
+    image, brain = scene()
+    grid = np.indices(SHAPE)
+    image[np.hypot(grid[1] - 35, grid[2] - 32) <= 1.2] = 0.15  # a vein grazing the bleed
+    radius = distance_from(CENTRE)
+    image[radius <= 3.5] = 0.1
+    rim = (grid[0] == 32) & (grid[1] == 29) & (grid[2] == 32)
+    for detection in (radius <= 3.0, rim):
+        row = score_of(image, detection, brain)
+        assert row["tube_continues"] == "no" and row["elongation"] < 2
+        assert row["dark_volume_mm3"] < 250 and row["one_sided"] < 0.3
+        assert row["likely_mimic"] == "no"
