@@ -7,6 +7,7 @@ machine, and it stops exactly the daemons it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -158,7 +159,24 @@ class OneNodeCluster:
                 time.sleep(0.1)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        # A daemon whose pid file was never written or read (a start that timed out on a busy
+        # machine) still carries this cluster's SLURM_CONF in its environment.
+        for pid in self._daemons_by_environment():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _daemons_by_environment(self) -> list[int]:
+        marker = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for process in Path("/proc").iterdir():
+            try:
+                if process.name.isdigit() and Path(process / "comm").read_text().strip() \
+                        in DAEMONS and marker in (process / "environ").read_bytes().split(b"\0"):
+                    found.append(int(process.name))
+            except OSError:  # gone, or not ours to read
+                continue
+        return found
 
 
 def _alive(pid: int) -> bool:
