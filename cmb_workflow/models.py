@@ -263,8 +263,7 @@ def _load_h5(path: Path):
     model = load_h5_model(path)
     expected = tuple(model.input_shape[1:])
     # A graph rather than eager calls: Grappler fuses each convolution with its bias and
-    # activation (2.48 -> 2.25 s per fold of a SHIVA-sized U-Net on 2 cores,
-    # benchmarks/prediction_speed.py).
+    # activation (about 10 % faster; docs/performance.md).
     forward = tf.function(lambda batch: model(batch, training=False),
                           input_signature=[tf.TensorSpec((None, *expected), tf.float32)])
 
