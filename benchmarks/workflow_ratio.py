@@ -51,20 +51,12 @@ def node_times(work: Path) -> dict:
 
 
 def rerun_cpu_seconds(folder: Path) -> float:
-    """CPU seconds of the node in `folder` run again in a fresh process."""
+    """CPU seconds of the node in `folder` run again in a fresh process (end_to_end's rerun)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, __file__, "--rerun", str(folder / "_node.pklz")],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("end_to_end.py")), "--rerun",
+                    str(folder / "_node.pklz")], check=True, capture_output=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-
-
-def rerun(node_file: str) -> None:
-    from nipype.utils.filemanip import loadpkl
-
-    node = loadpkl(node_file)
-    node.overwrite = True
-    node.run()
 
 
 def main():
@@ -75,10 +67,7 @@ def main():
     parser.add_argument("--base-filters", type=int, default=10)
     parser.add_argument("--levels", type=int, default=4)
     parser.add_argument("--seed", type=int, default=27)
-    parser.add_argument("--rerun", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rerun:
-        return rerun(args.rerun)
 
     from model_builders import build_unet_ensemble  # on the path prediction_speed sets
 

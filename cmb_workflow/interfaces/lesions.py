@@ -23,14 +23,19 @@ CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 MAX_OUTSIDE_FRACTION = 0.25
 
 
-class LabelLesionsInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="probability map (1 mm grid)")
+class LesionRuleInputSpec(BaseInterfaceInputSpec):
+    """What makes a lesion (label_lesions); Predict's bfloat16 check applies the same rule."""
+
     threshold = traits.Range(0.0, 1.0, 0.5, usedefault=True,
                              desc="voxels with probability strictly above are lesion")
     connectivity = traits.Enum(26, 18, 6, usedefault=True, desc="neighbourhood of a lesion")
     min_size = traits.Int(1, usedefault=True, desc="smallest lesion kept, in voxels")
     min_peak = traits.Range(0.0, 1.0, 0.0, usedefault=True,
                             desc="lesions whose highest probability is below this are dropped")
+
+
+class LabelLesionsInputSpec(LesionRuleInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="probability map (1 mm grid)")
     brain_mask = File(exists=True, desc="brain mask on the probability map's grid: lesions "
                                         "mostly outside it are dropped")
 

@@ -5,19 +5,18 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
 
 from ..imageops import WORK_IMAGE_SUFFIX, read_mask
 from ..models import PRECISIONS, bfloat16_candidate, load_ensemble
-from .lesions import label_lesions
+from .lesions import LesionRuleInputSpec, label_lesions
 
 LOGGER = logging.getLogger("cmb_workflow.predict")
 # bfloat16 is kept only if every lesion's highest probability stays this close to float32's.
 BFLOAT16_MAX_PEAK_DIFFERENCE = 0.02
 
 
-class PredictInputSpec(BaseInterfaceInputSpec):
+class PredictInputSpec(LesionRuleInputSpec):
     in_files = traits.List(File(exists=True), mandatory=True, minlen=1,
                            desc="cropped images scaled to [0, 1], one per image of the batch")
     mask_files = traits.List(File(exists=True), mandatory=True, minlen=1,
@@ -33,13 +32,7 @@ class PredictInputSpec(BaseInterfaceInputSpec):
     precision = traits.Enum(*PRECISIONS, usedefault=True,
                             desc="auto: bfloat16 where the CPU has it natively and the first "
                                  "image's lesions match float32's; float32; bfloat16 (checked "
-                                 "the same way)")
-    threshold = traits.Range(0.0, 1.0, 0.5, usedefault=True,
-                             desc="the lesion rule of the bfloat16 check (see LabelLesions)")
-    connectivity = traits.Enum(26, 18, 6, usedefault=True, desc="the lesion rule's neighbourhood")
-    min_size = traits.Int(1, usedefault=True, desc="the lesion rule's smallest lesion, voxels")
-    min_peak = traits.Range(0.0, 1.0, 0.0, usedefault=True,
-                            desc="the lesion rule's detection threshold")
+                                 "the same way, with the lesion rule's inputs)")
 
 
 class PredictOutputSpec(TraitedSpec):
