@@ -306,6 +306,9 @@ def bfloat16_candidate(requested: str) -> tuple[bool, str]:
     tf = import_tensorflow()
     if tf.config.list_physical_devices("GPU"):
         return False, "prediction runs on the GPU (the precision setting is for CPUs)"
+    native = native_bfloat16_flags()
+    if not native and requested == "auto":
+        return False, f"the CPU has no native bfloat16 ({' or '.join(NATIVE_BFLOAT16_FLAGS)})"
     try:  # TensorFlow says whether oneDNN is on only through this private module
         from tensorflow.python.util._pywrap_util_port import IsMklEnabled as onednn_enabled
     except ImportError:
@@ -313,11 +316,8 @@ def bfloat16_candidate(requested: str) -> tuple[bool, str]:
     if not onednn_enabled():
         return False, ("TensorFlow's oneDNN optimisations are off (set TF_ENABLE_ONEDNN_OPTS=1 "
                        "to allow bfloat16)")
-    native = native_bfloat16_flags()
     if native:
         return True, f"the CPU computes bfloat16 natively ({', '.join(native)})"
-    if requested == "auto":
-        return False, f"the CPU has no native bfloat16 ({' or '.join(NATIVE_BFLOAT16_FLAGS)})"
     return True, "bfloat16 was asked for (emulated on this CPU: slower than float32)"
 
 
