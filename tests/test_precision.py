@@ -102,6 +102,11 @@ def test_bfloat16_check_compares_lesion_voxels_and_peaks():
     grown = float32.copy()
     grown[8, 6, 6] = 0.7  # same count, one more voxel
     assert "not the same voxels" in lesion_check(grown, float32)
+    # Without any lesion, a voxel that moves too far elsewhere still rejects bfloat16.
+    empty = np.zeros_like(float32)
+    stray = empty.copy()
+    stray[2, 2, 2] = 0.3
+    assert "a probability on the first image moved by 0.300" in lesion_check(stray, empty)
     # The run's detection threshold is part of the rule: a lesion it drops is no difference.
     faint = float32.copy()
     faint[14:16, 14:16, 14:16] = 0.62

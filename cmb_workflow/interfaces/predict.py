@@ -90,7 +90,8 @@ class Predict(SimpleInterface):
 
     def _bfloat16_difference(self, bfloat16, float32, mask) -> str:
         """How bfloat16's lesions differ from float32's on one image; empty when they agree:
-        the same voxels in every lesion and each lesion's highest probability close."""
+        the same voxels in every lesion, and each lesion's highest probability (and every
+        voxel's) close."""
         rule = dict(threshold=self.inputs.threshold, connectivity=self.inputs.connectivity,
                     min_size=self.inputs.min_size, min_peak=self.inputs.min_peak, brain=mask)
         identity = np.eye(4)
@@ -103,5 +104,10 @@ class Predict(SimpleInterface):
                      for row, reference in zip(rows, reference_rows)), default=0.0)
         if worst > BFLOAT16_MAX_PEAK_DIFFERENCE:
             return (f"a lesion's highest probability on the first image moved by {worst:.3f} "
+                    f"(more than {BFLOAT16_MAX_PEAK_DIFFERENCE})")
+        # A first image with no lesion proves nothing by its lesions: no voxel may move more.
+        anywhere = float(np.abs(bfloat16 - float32).max())
+        if anywhere > BFLOAT16_MAX_PEAK_DIFFERENCE:
+            return (f"a probability on the first image moved by {anywhere:.3f} "
                     f"(more than {BFLOAT16_MAX_PEAK_DIFFERENCE})")
         return ""
