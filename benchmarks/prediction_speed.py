@@ -49,9 +49,13 @@ def peak_rss_gb() -> float:
 
 def reference_job(models: str, crop: str, out: str) -> tuple[float, float]:
     """One scan as the model repository's script does it; (load, predict) seconds."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # v1 .h5 files need tf_keras
+    # TensorFlow's own defaults, oneDNN included, as the model repository's script runs it (the
+    # pipeline turns oneDNN on wherever TensorFlow leaves it off).
+    import tensorflow as tf
+
     from cmb_workflow import models as model_io
 
-    tf = model_io.import_tensorflow()
     img = nib.load(crop)
     batch = np.asarray(img.dataobj, np.float32)[np.newaxis, ..., np.newaxis]
     total = np.zeros(SHAPE, np.float64)
@@ -108,8 +112,6 @@ def run_job(models: Path, approach: str, crops: list, masks: list, out: Path,
                "--out", str(out), "--crops", *map(str, crops), "--masks", *map(str, masks),
                "--precisions", precision]
     environment = dict(os.environ)
-    if precision == "bfloat16":
-        environment["TF_ENABLE_ONEDNN_OPTS"] = "1"
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode:

@@ -181,6 +181,11 @@ def import_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
+    # TensorFlow turns its oneDNN kernels on by default only on some CPUs; elsewhere (AMD EPYC
+    # here) a SHIVA-sized fold predicted in 19 s instead of 6 s and a training step took 3.8 s
+    # instead of 0.64 s, with outputs within 2e-6 (docs/performance.md). Same kernels on every
+    # CPU, unless the user set it.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     # TensorFlow's native start-up lines (CUDA probing on a host without a GPU, CPU features)
     # bypass Python's logging: during a run they go to the run log unless --verbose.
     run_log = os.environ.get("CMB_WORKFLOW_RUN_LOG")
@@ -314,8 +319,8 @@ def bfloat16_candidate(requested: str) -> tuple[bool, str]:
     except ImportError:
         return False, "this TensorFlow does not tell whether its oneDNN optimisations are on"
     if not onednn_enabled():
-        return False, ("TensorFlow's oneDNN optimisations are off (set TF_ENABLE_ONEDNN_OPTS=1 "
-                       "to allow bfloat16)")
+        return False, ("TensorFlow's oneDNN optimisations are off (TF_ENABLE_ONEDNN_OPTS=0; "
+                       "bfloat16 needs them)")
     if native:
         return True, f"the CPU computes bfloat16 natively ({', '.join(native)})"
     return True, "bfloat16 was asked for (emulated on this CPU: slower than float32)"
