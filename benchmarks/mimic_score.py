@@ -1,6 +1,7 @@
 """How well the mimic score separates false positives from microbleeds (run by hand, not in CI).
 
     python benchmarks/mimic_score.py [--subjects 6] [--styles standard,contrast-b] [--seed 200]
+        [--models A.json,B.json] [--no-dark-blob]
 
 For every phantom style and two detectors (the demo model, and a fixed dark-blob filter with no
 training at all, defined here), prepares each phantom as the demo model's pipeline does (from
@@ -24,7 +25,7 @@ from scipy import ndimage
 
 from cmb_workflow.configs import load_config
 from cmb_workflow.demo import demo_model_descriptor
-from cmb_workflow.evaluate import wilson_interval
+from cmb_workflow.evaluate import fp_per_scan_interval, wilson_interval
 from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.mimics import FEATURE_COLUMNS, score_lesions
 from cmb_workflow.models import load_ensemble
@@ -61,9 +62,9 @@ class DarkBlobDetector:
         return (contrast / (contrast + self.HALF_CONTRAST)).astype(np.float32)
 
 
-class DemoModel:
-    def __init__(self):
-        self.ensemble = load_ensemble(demo_model_descriptor())
+class Ensemble:
+    def __init__(self, descriptor):
+        self.ensemble = load_ensemble(descriptor)
 
     def predict(self, image, mask):
         given = image * mask if MASK_INPUT[DEMO_CONVENTION] else image
@@ -111,11 +112,22 @@ def main():
     parser.add_argument("--styles", default=",".join(STYLES))
     parser.add_argument("--seed", type=int, default=200, help="first phantom seed")
     parser.add_argument("--verbose", action="store_true", help="print every lesion's features")
+    parser.add_argument("--models", default=str(demo_model_descriptor()),
+                        help="model descriptors, comma-separated (default: the demo model)")
+    parser.add_argument("--no-dark-blob", action="store_true",
+                        help="leave the dark-blob filter out")
     args = parser.parse_args()
     print(f"CPU: {cpu_description()}")
     config = load_config()
     # (detector, the lesion's least peak probability)
-    detectors = {"demo": (DemoModel(), 0.6), "dark-blob": (DarkBlobDetector(), 0.6)}
+    detectors = {}
+    for number, descriptor in enumerate(args.models.split(",")):
+        model = Ensemble(descriptor)
+        name = "demo" if number == 0 else f"model{number}"
+        print(f"{name}: {descriptor} ({model.ensemble.descriptor.version})")
+        detectors[name] = (model, model.ensemble.descriptor.min_peak_probability or 0.0)
+    if not args.no_dark_blob:
+        detectors["dark-blob"] = (DarkBlobDetector(), 0.6)
     results = defaultdict(list)
     detected = defaultdict(lambda: np.zeros(2, int))
     with tempfile.TemporaryDirectory() as scratch:
@@ -143,8 +155,10 @@ def main():
         def flagged(subset):
             return sum(row["likely_mimic"] == "yes" for row in subset)
         found, present = detected[style, name]
+        low, high = fp_per_scan_interval(len(false), args.subjects)
         print(f"{style:11} {name:9} sensitivity >= 3 mm {share(found, present):27} "
-              f"FP/scan {len(false) / args.subjects:.1f}; false positives flagged "
+              f"FP/scan {len(false) / args.subjects:.1f} [{low:.1f}, {high:.1f}]; "
+              "false positives flagged "
               f"{share(flagged(false), len(false)):27} microbleeds >= 3 mm flagged "
               f"{share(flagged(true), len(true))}")
 

@@ -175,13 +175,18 @@ def box_affine(affine: np.ndarray, start) -> np.ndarray:
     return moved
 
 
-def normalize(data: np.ndarray, mask: np.ndarray, method: str, percentile: float,
-              clip_max: float) -> np.ndarray:
+def normalize(data: np.ndarray, mask: np.ndarray | None, method: str, percentile: float,
+              clip_max: float, brain: np.ndarray | None = None) -> np.ndarray:
     """shivai: divide by the brain's percentile, clip at clip_max, divide by clip_max;
-    minmax: brain minimum to the percentile mapped to [0, 1]. NaN and negatives are 0 first."""
+    minmax: brain minimum to the percentile mapped to [0, 1]. NaN and negatives are 0 first.
+    `brain`: the brain's intensities, when `data` is only part of the image (a training patch);
+    else data[mask]."""
     data = np.nan_to_num(data.astype(np.float32), nan=0.0)
     data[data < 0] = 0
-    brain = data[mask]
+    if brain is None:
+        brain = data[mask]
+    else:
+        brain = np.maximum(np.nan_to_num(brain.astype(np.float32), nan=0.0), 0)
     top = np.percentile(brain, percentile) if brain.size else 0.0
     if method == "shivai":
         if top <= 0:

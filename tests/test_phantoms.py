@@ -260,6 +260,17 @@ def test_a_style_changes_the_look_and_nothing_else():
     assert np.array_equal(again.image.get_fdata(), image)
 
 
+def test_every_style_keeps_tissues_positive_and_contrast_c_has_dark_csf():
+    from cmb_workflow.synthetic.phantoms import CONTRASTS, STYLES, _styled
+
+    for style in STYLES.values():
+        for contrast in CONTRASTS.values():
+            styled = _styled(contrast, style)
+            assert styled.gm > 0 and styled.csf > 0
+    assert all(_styled(contrast, STYLES["contrast-c"]).csf < 1.0  # white matter is 1
+               for contrast in CONTRASTS.values())
+
+
 def test_invalid_requests_are_refused():
     with pytest.raises(ValueError, match="modality"):
         make_phantom(0, modality="flair")

@@ -98,7 +98,7 @@ def test_list_says_what_is_installed_where(home, tmp_path, capsys):
     assert f"test-cmb  version t1  installed in {models_home() / 'test-cmb'}" in out
     assert "swi-cmb-v2  version v2  not installed" in out
     assert "licence: CC BY-NC-SA 4.0" in out and "not for clinical use" in out
-    assert "demo  version demo-4  installed in" in out
+    assert "demo  version demo-5  installed in" in out
 
 
 def test_bundled_demo_resolves_and_verifies(capsys):

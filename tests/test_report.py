@@ -73,9 +73,9 @@ def write_descriptor(folder, **fields):
 
 def test_the_demo_model_and_models_marked_not_for_clinical_use_get_a_warning(tmp_path):
     demo = model_summary(demo_model_descriptor())
-    assert demo["warning"].startswith("DEMO MODEL") and demo["version"] == "demo-4"
-    assert [f["md5"] for f in demo["files"]] == ["aa43fd83ebaf038aa1033f455e37a4c3",
-                                                 "1d157c78933218ab6c685439c98f1d42"]
+    assert demo["warning"].startswith("DEMO MODEL") and demo["version"] == "demo-5"
+    assert [f["md5"] for f in demo["files"]] == ["1594b04f0099612e91ac96fbe3ec96a3",
+                                                 "784a6379f7bf561745df4304ad56b69e"]
     marked = model_summary(write_descriptor(tmp_path, description="Research model. Not for "
                                                                   "clinical use."))
     assert "NOT for clinical use" in marked["warning"]
@@ -166,8 +166,8 @@ def test_report_names_the_model_warns_of_the_demo_and_is_deterministic(report_pa
                                                                       tmp_path):
     text = open(report_page, encoding="utf-8").read()
     assert text.index('class="banner"') < text.index("<h1>")
-    assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-4" in text
-    assert "aa43fd83ebaf038aa1033f455e37a4c3" in text
+    assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-5" in text
+    assert "1594b04f0099612e91ac96fbe3ec96a3" in text
     assert "Radiological convention: the subject&#39;s right (R) is on the left" in text
     assert ("Brain voxels at the intensity ceiling</td><td>pass</td><td class=\"number\">1.00\u00a0%"
             in text)
@@ -219,7 +219,7 @@ def index_page(tmp_path_factory):
 
 def test_index_names_the_model_and_shows_each_images_count_band(index_page):
     text = index_page.read_text()
-    assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-4" in text
+    assert "DEMO MODEL" in text and "<b>demo_model</b>, version demo-5" in text
     assert '<span class="band band-2-4" data-sort="3">2-4</span>' in text
     assert '<span class="band band-10" data-sort="12">&gt;=10</span>' in text
     assert '<a href="sub-01_report.html">sub-01_swi.nii.gz</a>' in text

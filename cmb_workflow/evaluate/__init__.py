@@ -10,9 +10,10 @@ evaluate(), which runs them, and cli the subcommand.
 from .cli import add_arguments, run_from_args
 from .core import evaluate
 from .records import EvaluationInputError
-from .tables import (CI_COLUMNS, COLUMNS, DEFAULT_SIZE_BINS_MM, format_tables, wilson_interval,
-                     write_tsv)
+from .tables import (CI_COLUMNS, COLUMNS, DEFAULT_SIZE_BINS_MM, format_tables,
+                     fp_per_scan_interval, wilson_interval, write_tsv)
 
 __all__ = ["CI_COLUMNS", "COLUMNS", "DEFAULT_SIZE_BINS_MM", "EvaluationInputError",
-           "add_arguments", "evaluate", "format_tables", "run_from_args", "wilson_interval",
+           "add_arguments", "evaluate", "format_tables", "fp_per_scan_interval", "run_from_args",
+           "wilson_interval",
            "write_tsv"]

@@ -43,7 +43,8 @@ def wilson_interval(hits: int, total: int) -> tuple[float, float]:
     return float(interval.low), float(interval.high)
 
 
-def _fp_per_scan_interval(fp: int, n_subjects: int) -> tuple[float, float]:
+def fp_per_scan_interval(fp: int, n_subjects: int) -> tuple[float, float]:
+    """Exact Poisson interval of the false positives per scan."""
     tail = (1.0 - CI_LEVEL) / 2
     low = chi2.ppf(tail, 2 * fp) / 2 if fp else 0.0
     return float(low) / n_subjects, float(chi2.ppf(1.0 - tail, 2 * fp + 2) / 2) / n_subjects
@@ -109,7 +110,7 @@ def _row(view, scope, group, grid, status, n_subjects, counts, abs_count_diff, d
         "abs_count_diff": abs_count_diff,
         "dice": dice,
         **dict(zip(CI_COLUMNS, wilson_interval(tp, tp + fn)
-                   + _fp_per_scan_interval(fp, n_subjects))),
+                   + fp_per_scan_interval(fp, n_subjects))),
     }
 
 

@@ -236,7 +236,8 @@ def draw_veins(darkness, veins, pose, native, depths, subsamples):
 
 def draw_lesions(darkness, labels, lesions, native, depths, subsamples, edge_scale=1.0):
     """Darken each microbleed and write its label: voxels whose centre lies within the radius,
-    plus always the voxel holding the centre, so even a 2 mm bleed on 3 mm slices is labelled."""
+    plus always the voxel holding the centre, so even a 2 mm bleed on 3 mm slices is labelled.
+    Parts outside the grid are left out."""
     for lesion, depth in zip(lesions, depths):
         radius, edge = lesion.radius_mm, edge_scale * lesion_edge_mm(lesion.radius_mm)
         centre_index = native.world_to_index(lesion.centre[None])
@@ -245,5 +246,7 @@ def draw_lesions(darkness, labels, lesions, native, depths, subsamples, edge_sca
         _darken(darkness, voxels, depth * expit((radius - distances) / edge).mean(axis=1))
         core = voxels[centre_distances <= radius]
         labels[tuple(core.T)] = lesion.label
-        labels[tuple(np.rint(centre_index[0]).astype(int))] = lesion.label
+        centre_voxel = np.rint(centre_index[0]).astype(int)
+        if np.all((centre_voxel >= 0) & (centre_voxel < labels.shape)):  # a grid may cut a bleed
+            labels[tuple(centre_voxel)] = lesion.label
 

@@ -97,6 +97,11 @@ STYLES = {
     "contrast-b": Style(csf_excess_scale=0.4, grey_white_sign=-1.0, noise_fraction=(0.03, 0.08),
                         noise_correlation_mm=0.8, bias_scale=2.0, vein_depth_scale=1.2,
                         lesion_edge_scale=1.8),
+    # CSF darker than white matter (as on some phase-weighted SWI), weak grey/white contrast,
+    # strong coloured noise, faint veins and hard-edged bleeds.
+    "contrast-c": Style(csf_excess_scale=-0.6, grey_white_sign=0.4, noise_fraction=(0.05, 0.10),
+                        noise_correlation_mm=1.2, bias_scale=1.5, vein_depth_scale=0.7,
+                        lesion_edge_scale=0.5),
 }
 
 # One independent random stream per aspect, so fixing e.g. the grid leaves the anatomy as is.
@@ -115,6 +120,8 @@ class Phantom:
     grid: dict  # the "grid" block of the lesions JSON
     seed: int
     pose: np.ndarray  # template (MNI152 mm) -> world mm, 4x4
+    veins: list = ()  # features.Vein, template mm, as drawn
+    vein_depths: tuple = ()  # darkening at each vein's core
 
     def arrays(self):
         """(image float32, lesion labels int16, brain mask uint8) on the native grid, e.g. for
@@ -289,8 +296,8 @@ def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: in
     labels = np.zeros(native.shape, np.int16)
     feature_subsamples = subsamples_per_axis(native.voxel_size, FEATURE_SAMPLE_MM)
     veins = make_veins(streams["veins"], atlas)
-    draw_veins(darkness, veins, pose, native, streams["veins"].uniform(*contrast.vein, len(veins)),
-               feature_subsamples)
+    vein_depths = streams["veins"].uniform(*contrast.vein, len(veins))
+    draw_veins(darkness, veins, pose, native, vein_depths, feature_subsamples)
     lesions = place_lesions(streams["lesions"], n_cmb, atlas, pose, native)
     draw_lesions(darkness, labels, lesions, native,
                  streams["lesions"].uniform(*contrast.lesion, len(lesions)), feature_subsamples,
@@ -324,7 +331,8 @@ def make_phantom(seed: int, *, modality: str | None = None, grid=None, n_cmb: in
     return Phantom(image=_nifti(image, native.affine), cmb_mask=_nifti(labels, native.affine),
                    brain_mask=_nifti(brain, native.affine),
                    lesions=[lesion.as_dict() for lesion in lesions], modality=modality,
-                   grid=grid_info, seed=int(seed), pose=pose)
+                   grid=grid_info, seed=int(seed), pose=pose, veins=veins,
+                   vein_depths=tuple(vein_depths))
 
 
 def subject_plan(n_subjects: int, seed: int = 0, *, modalities=MODALITIES,
