@@ -103,7 +103,7 @@ def anatomy_maps(phantom, affine, shape) -> dict[str, np.ndarray]:
     maps = {"gm": resampled(atlas.gm * intracranial), "wm": resampled(atlas.wm * intracranial),
             "csf": resampled((1.0 - atlas.gm - atlas.wm).clip(0.0, 1.0) * intracranial)}
     maps["outside"] = np.clip(1.0 - maps["gm"] - maps["wm"] - maps["csf"], 0.0, 1.0)
-    maps["iron"] = resampled(atlas.iron)
+    maps["iron"] = phantom.iron_load(affine, shape)
     grid = NativeGrid(Grid((1.0, 1.0, 1.0)), shape, affine)
     maps["veins"] = np.zeros(shape, np.float32)
     draw_veins(maps["veins"], phantom.veins, phantom.pose, grid, phantom.vein_depths, (1, 1, 1))
