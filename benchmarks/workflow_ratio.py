@@ -1,6 +1,7 @@
 """The whole workflow against prediction alone, the model repository's way (by hand, not in CI).
 
     python benchmarks/workflow_ratio.py [--subjects 4] [--format savedmodel] [--folds 3]
+                                        [--precisions float32 auto]
 
 On N phantoms and one SHIVA-sized ensemble (random weights, output pushed near 0 so that
 post-processing sees a clean scan, as a real scan mostly is):
@@ -10,8 +11,10 @@ post-processing sees a clean scan, as a real scan mostly is):
 - reference: the crops our run gave the model, predicted one process per scan as the model
   repository's script does (benchmarks/prediction_speed.py's reference job), one after the
   other.
-Prints both wall times and their ratio (the target is <= 1.0), each node's mean wall seconds in
-the run, the CPU seconds of the first image's nodes (and the first prediction job) run again
+Ours runs once per precision (float32, then auto, which is bfloat16 only where the CPU has it
+natively; the later run finds the MultiProc forkserver already started, about 2 s of imports).
+Prints the wall times and their ratios (the target is <= 1.0), each node's mean wall seconds in
+the last run, the CPU seconds of the first image's nodes (and the first prediction job) run again
 alone, each in a fresh process as a cluster job runs it (so with Python's start and imports;
 Nipype's own resource monitor counts threads several times over), and the critical path: the
 slowest image's preprocessing chain, prediction, and the slowest image's post-processing chain
@@ -67,6 +70,10 @@ def main():
     parser.add_argument("--base-filters", type=int, default=10)
     parser.add_argument("--levels", type=int, default=4)
     parser.add_argument("--seed", type=int, default=27)
+    parser.add_argument("--precisions", nargs="+", choices=["float32", "auto"],
+                        default=["float32", "auto"],
+                        help="our run once per value (auto: bfloat16 where the CPU has it "
+                             "natively; skipped where it would be float32 again)")
     args = parser.parse_args()
 
     from model_builders import build_unet_ensemble  # on the path prediction_speed sets
@@ -85,24 +92,38 @@ def main():
         print(f"ensemble: {args.format}, {args.folds} folds x {model.count_params():,} "
               f"parameters; {args.subjects} phantoms")
         make_phantom_dataset(tmp / "bids", args.subjects, seed=args.seed, modalities=("swi",))
-        config = load_config(overrides={"models": str(descriptor), "plugin": "MultiProc"})
-        start = time.perf_counter()
-        run_study(tmp / "bids", tmp / "out", config)
-        ours = time.perf_counter() - start
+        from cmb_workflow.models import bfloat16_candidate
+
+        precisions = [precision for precision in args.precisions
+                      if precision == "float32" or bfloat16_candidate(precision)[0]]
+        walls = {}
+        for precision in precisions:
+            out = tmp / f"out_{precision}"
+            config = load_config(overrides={"models": str(descriptor), "plugin": "MultiProc",
+                                            "precision": precision})
+            start = time.perf_counter()
+            run_study(tmp / "bids", out, config)
+            walls[precision] = time.perf_counter() - start
+            sidecar = json.loads(next(out.rglob("*_probseg.json")).read_text())
+            print(f"ours, precision {precision}: {walls[precision]:.1f} s, predicted in "
+                  f"{sidecar['Precision']} ({sidecar['PrecisionReason']})", flush=True)
 
         records = [json.loads(path.read_text())
-                   for path in sorted((tmp / "out" / "work" / "handoff").glob("*.json"))]
+                   for path in sorted((out / "work" / "handoff").glob("*.json"))]
         reference = 0.0
         for index, record in enumerate(records):
             wall, _ = run_job(descriptor, "reference", [record["image"]], [record["mask"]],
                               tmp / f"reference_{index:02d}.nii.gz")
             reference += wall
-        print(f"\nours, whole workflow: {ours:.1f} s ({ours / len(records):.1f} s per scan)")
-        print(f"reference, prediction alone: {reference:.1f} s "
+        print(f"\nreference, prediction alone: {reference:.1f} s "
               f"({reference / len(records):.1f} s per scan)")
-        print(f"ratio ours / reference: {ours / reference:.2f}")
+        for precision, ours in walls.items():
+            print(f"ours, whole workflow, precision {precision}: {ours:.1f} s "
+                  f"({ours / len(records):.1f} s per scan); ratio ours / reference: "
+                  f"{ours / reference:.2f}")
 
-        times = node_times(tmp / "out" / "work")
+        print(f"\nnodes of the run with precision {precision}:")
+        times = node_times(out / "work")
         print(f"\n{'graph':<11} {'node':<20} {'images':>6} {'wall s':>7} {'CPU s alone':>11}  "
               "(wall: mean per image in the run; predict: per job)")
         for graph, images in times.items():

@@ -21,6 +21,13 @@ from .slurm import SLURM_PLUGINS, SbatchArgs, cancel_jobs, prepare as prepare_sl
 LOGGER = logging.getLogger("cmb_workflow")
 # A step running longer than this is named, with its time, every so often.
 STILL_RUNNING_SECONDS = 30
+# How often MultiProc looks for finished steps (Nipype's default, 2 s, kept a chain of short
+# steps waiting up to that long at every link: 40 % of a 4-image run's wall time).
+MULTIPROC_POLL_SECONDS = 0.1
+# Modules the MultiProc forkserver imports once, so that its workers (a new set for each graph
+# of a run) start with them: worker_logging first (see there). Not TensorFlow (fork after it
+# deadlocks) nor ANTsPy (ITK must read its thread count inside registration._ants).
+WORKER_PRELOAD = ["cmb_workflow.worker_logging", "cmb_workflow.workflow.base", "nilearn.datasets"]
 # Seconds the workers get to end after SIGTERM before they are killed.
 WORKER_GRACE_SECONDS = 10
 # Seconds a shared RunLock waits for another shared holder to finish writing its name.
@@ -42,8 +49,7 @@ class Execution:
             # deadlocks).
             self.args = {"n_procs": config.nprocs or os.cpu_count() or 1,
                          "mp_context": "forkserver"}
-            multiprocessing.get_context("forkserver").set_forkserver_preload(
-                ["cmb_workflow.worker_logging"])
+            multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
             if config.memory_gb:
                 self.args["memory_gb"] = config.memory_gb
         elif self.plugin in SLURM_PLUGINS:
@@ -71,6 +77,8 @@ class Execution:
             progress.start_phase(*phase)
         if self.sbatch is not None:
             self.job_log_dir.mkdir(parents=True, exist_ok=True)
+        if self.plugin == "MultiProc":
+            workflow.config["execution"]["poll_sleep_duration"] = MULTIPROC_POLL_SECONDS
         try:
             with progress.watching() if progress else contextlib.nullcontext():
                 workflow.run(plugin=self.plugin, plugin_args=self.args)

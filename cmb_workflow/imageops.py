@@ -171,8 +171,21 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(mask)
     if count <= 1:
         return labels > 0
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
-    return labels == 1 + int(np.argmax(sizes))
+    # bincount: one pass (sum_labels took a second on a 256^3 grid).
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The slices of `mask`'s nonzero part grown by `margin` voxels, within the array (the whole
+    array when the mask is empty)."""
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    nonzero = np.argwhere(mask)
+    low = np.maximum(nonzero.min(0) - margin, 0)
+    high = np.minimum(nonzero.max(0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
 
 
 def conformed_grid(img: nib.Nifti1Image, voxel_size: float = 1.0):

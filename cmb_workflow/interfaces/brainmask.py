@@ -10,7 +10,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     SimpleInterface, TraitedSpec, isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import ImageError, largest_component, load_volume, read_mask
+from ..imageops import ImageError, bounding_box, largest_component, load_volume, read_mask
 from ..preprocessing import CONVENTIONS, MASK_THRESHOLD, clean_mask, mask_onto_grid
 from ..registration import mni152, warp_to_subject
 
@@ -75,14 +75,21 @@ def template_mask(image_file, transforms, within: np.ndarray) -> np.ndarray:
     """The template's brain mask on the image's grid: holes filled, grown, kept within the
     image's intensity-based mask (dark skull, sinuses and air are not brain), largest part,
     its dents closed (within the template's mask)."""
-    warped = warp_to_subject(mni152("brain_mask"), image_file, transforms)
+    img = nib.load(str(image_file))
+    # The result lies within `within`, and none of the steps reaches further than a voxel past
+    # it (the closing fills only between parts of the mask), so they run on its box: the same
+    # mask as the whole grid gives, in a fraction of the time.
+    box = bounding_box(within, margin=TEMPLATE_MASK_DILATION_MM + 1)
+    warped = warp_to_subject(mni152("brain_mask"), img.slicer[box], transforms)
     template = ndimage.binary_fill_holes(np.asarray(warped.dataobj) >= 0.5)
     template = ndimage.binary_dilation(template, ndimage.generate_binary_structure(3, 1),
                                        iterations=TEMPLATE_MASK_DILATION_MM)
-    mask = largest_component(template & within)
+    mask = largest_component(template & within[box])
     if not mask.any():
         raise ImageError(f"{image_file}: the registered template brain lies outside the image")
-    return close_dents(mask, nib.affines.voxel_sizes(warped.affine)) & template
+    full = np.zeros(within.shape, dtype=bool)
+    full[box] = close_dents(mask, nib.affines.voxel_sizes(warped.affine)) & template
+    return full
 
 
 def close_dents(mask: np.ndarray, zooms) -> np.ndarray:
