@@ -180,12 +180,14 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """The slices of `mask`'s nonzero part grown by `margin` voxels, within the array (the whole
     array when the mask is empty)."""
-    if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
-    nonzero = np.argwhere(mask)
-    low = np.maximum(nonzero.min(0) - margin, 0)
-    high = np.minimum(nonzero.max(0) + 1 + margin, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+    box = []
+    for axis, size in enumerate(mask.shape):
+        # Projections onto each axis: a fraction of argwhere's time on a mostly empty grid.
+        filled = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not filled.size:
+            return tuple(slice(0, n) for n in mask.shape)
+        box.append(slice(max(int(filled[0]) - margin, 0), min(int(filled[-1]) + 1 + margin, size)))
+    return tuple(box)
 
 
 def conformed_grid(img: nib.Nifti1Image, voxel_size: float = 1.0):

@@ -160,10 +160,14 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
             "--initial-moving-transform", f"[{files['subject_mask']},{files['template_mask']},1]",
             # Masks first: alike images, so the alignment is found from far off.
             "--transform", "Similarity[0.25]",
-            "--metric", f"MeanSquares[{files['subject_mask']},{files['template_mask']},1,0]",
+            # Sampling a quarter of the masks' voxels and a tenth of the image's (a fifth
+            # before) halved ANTs' time with the same masks (benchmarks/brain_mask.py: median
+            # Dice 0.9711 against 0.9706, worst 0.9638 against 0.9647, 14 phantoms).
+            "--metric", f"MeanSquares[{files['subject_mask']},{files['template_mask']},1,0,"
+                        "Regular,0.25]",
             *levels, "--masks", "[NA,NA]",
             "--transform", "Affine[0.25]",
-            "--metric", f"MI[{files['subject']},{files['template']},1,32,Regular,0.2]",
+            "--metric", f"MI[{files['subject']},{files['template']},1,32,Regular,0.1]",
             *levels, "--masks", f"[{files['metric_mask']},NA]",
         ], moving=None)
     return [f"{prefix}0GenericAffine.mat"]
