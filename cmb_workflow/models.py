@@ -328,13 +328,22 @@ def bfloat16_candidate(requested: str) -> tuple[bool, str]:
 
 def native_bfloat16_flags() -> list[str]:
     """The native bfloat16 flags of this CPU, from /proc/cpuinfo (none where it is unreadable)."""
+    flags = _cpuinfo("flags").split()
+    return [flag for flag in NATIVE_BFLOAT16_FLAGS if flag in flags]
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (empty where it is unreadable)."""
+    return _cpuinfo("model name")
+
+
+def _cpuinfo(field_name: str) -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return [flag for flag in NATIVE_BFLOAT16_FLAGS if flag in flags]
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.split(":", 1)[0].strip() == field_name), "")
 
 
 @contextlib.contextmanager

@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests' own CMB_WORKFLOW_HOME (installed models, bfloat16 checks): never the user's.
+os.environ["CMB_WORKFLOW_HOME"] = tempfile.mkdtemp(prefix="cmb-workflow-home-")
 
 from helpers import write_study  # noqa: E402
 from model_builders import build_detector_ensemble  # noqa: E402

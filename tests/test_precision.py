@@ -55,9 +55,21 @@ ONEDNN_SCRIPT = textwrap.dedent("""
             (root / f"{fmt}-{precision}").mkdir()
             result = node.run(cwd=str(root / f"{fmt}-{precision}"))
             precisions[precision] = result.outputs.precision
+        # The check's outcome is kept; a later job follows it (here, a record saying float32).
+        records = sorted((root / "home" / "precision_checks").glob("*.json"))
+        kept = json.loads(records[-1].read_text()) if records else None
+        for record in records:
+            record.write_text(json.dumps(["float32", "kept record"]))
+        (root / f"{fmt}-again").mkdir()
+        again = Predict(in_files=[str(root / "image.nii.gz")], mask_files=[str(root / "mask.nii.gz")],
+                        model_descriptor=str(descriptor), precision="bfloat16", threshold=0.0
+                        ).run(cwd=str(root / f"{fmt}-again")).outputs.precision
+        for record in records:
+            record.unlink()
         report[fmt] = {"bfloat16_difference": float(np.abs(bfloat16 - before).max()),
                        "float32_again_difference": float(np.abs(after - before).max()),
-                       "node": precisions}
+                       "node": precisions, "records": len(records), "kept": kept,
+                       "again": again}
     print("RESULT " + json.dumps(report))
 """)
 
@@ -117,8 +129,10 @@ def test_bfloat16_check_compares_lesion_voxels_and_peaks():
 def test_bfloat16_runs_both_formats_and_is_checked(tmp_path):
     """With oneDNN on (as on CPUs with native bfloat16), both formats predict in bfloat16 close to
     float32, float32 is unchanged after a bfloat16 call, and the node keeps bfloat16 when the
-    lesions agree; float32 is recorded when it was asked for."""
-    environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    lesions agree; float32 is recorded when it was asked for; the check's outcome is kept at
+    the first use and followed by later jobs."""
+    environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "CUDA_VISIBLE_DEVICES": "",
+                   "CMB_WORKFLOW_HOME": str(tmp_path / "home")}
     completed = subprocess.run([sys.executable, "-c", ONEDNN_SCRIPT, str(tmp_path)],
                                capture_output=True, text=True, env=environment, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -130,3 +144,8 @@ def test_bfloat16_runs_both_formats_and_is_checked(tmp_path):
         assert figures["node"]["float32"] == {"Precision": "float32",
                                               "PrecisionReason": "float32 was asked for"}
         assert figures["node"]["bfloat16"]["Precision"] == "bfloat16", figures["node"]
+        # One record per ensemble, written at its first use, then followed without a check.
+        assert figures["records"] == 1, fmt
+        assert figures["kept"] == ["bfloat16", figures["node"]["bfloat16"]["PrecisionReason"]]
+        assert "first use" in figures["kept"][1]
+        assert figures["again"] == {"Precision": "float32", "PrecisionReason": "kept record"}

@@ -166,8 +166,9 @@ class Settings:
                                      "mask (desc-modelinput), to check what the model saw")
     precision: str = setting(
         "auto", "CPU prediction arithmetic: auto (bfloat16 where the CPU computes it natively, "
-        "else float32) | float32 | bfloat16; bfloat16 is kept only if the first image's lesions "
-        "match float32's (the sidecar records which ran, and why)",
+        "else float32) | float32 | bfloat16; bfloat16 is kept only if, at the model's first use on this "
+        "CPU, the first image's lesions matched float32's (the sidecar records which ran, and "
+        "why)",
         choices=PRECISIONS)
     # Lesions
     threshold: float = setting(0.5, "probability strictly above this is lesion",

@@ -1,5 +1,7 @@
 """Predict microbleed probabilities with an ensemble of SHIVA-convention 3D U-Nets."""
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -7,13 +9,18 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, traits
 
-from ..imageops import WORK_IMAGE_SUFFIX, read_mask
-from ..models import PRECISIONS, bfloat16_candidate, load_ensemble
+from ..imageops import WORK_IMAGE_SUFFIX, read_mask, write_text_atomic
+from ..models import (PRECISIONS, bfloat16_candidate, cpu_model_name, import_tensorflow,
+                      load_ensemble, native_bfloat16_flags)
+from ..registry import cmb_home
 from .lesions import LesionRuleInputSpec, label_lesions
 
 LOGGER = logging.getLogger("cmb_workflow.predict")
 # bfloat16 is kept only if every lesion's highest probability stays this close to float32's.
 BFLOAT16_MAX_PEAK_DIFFERENCE = 0.02
+# Under $CMB_WORKFLOW_HOME: the outcome of each bfloat16 check, so that it runs at the first use
+# of a model on a CPU (with one lesion rule), not in every prediction job (a float32 pass).
+PRECISION_CHECKS = "precision_checks"
 
 
 class PredictInputSpec(LesionRuleInputSpec):
@@ -30,9 +37,10 @@ class PredictInputSpec(LesionRuleInputSpec):
     mask_output = traits.Bool(True, usedefault=True,
                               desc="zero the probabilities outside the brain")
     precision = traits.Enum(*PRECISIONS, usedefault=True,
-                            desc="auto: bfloat16 where the CPU has it natively and the first "
-                                 "image's lesions match float32's; float32; bfloat16 (checked "
-                                 "the same way, with the lesion rule's inputs)")
+                            desc="auto: bfloat16 where the CPU has it natively and, at the "
+                                 "model's first use on this CPU, the first image's lesions "
+                                 "matched float32's; float32; bfloat16 (checked the same way, "
+                                 "with the lesion rule's inputs)")
 
 
 class PredictOutputSpec(TraitedSpec):
@@ -45,8 +53,10 @@ class PredictOutputSpec(TraitedSpec):
 class Predict(SimpleInterface):
     """A batch of images with one load of the models (kept for the next batch of the process).
 
-    A bfloat16 candidate (models.bfloat16_candidate) is first checked on the batch's first
-    image: used only if its lesions are float32's, else float32 is, with the reason logged."""
+    A bfloat16 candidate (models.bfloat16_candidate) is checked on the first image at the
+    first use of the ensemble on this CPU, TensorFlow and lesion rule: used only if its lesions
+    are float32's, else float32 is, with the reason logged. The outcome is kept
+    (PRECISION_CHECKS) and followed by later jobs without checking again."""
 
     input_spec = PredictInputSpec
     output_spec = PredictOutputSpec
@@ -59,6 +69,10 @@ class Predict(SimpleInterface):
                                  allow_unverified=self.inputs.allow_unverified)
         candidate, reason = bfloat16_candidate(self.inputs.precision)
         precision = "bfloat16" if candidate else "float32"
+        record = self._check_record(ensemble) if candidate else None
+        if record is not None and record.exists():
+            precision, reason = json.loads(record.read_text())
+            record = None  # checked at an earlier use
         out_files = []
         for index, (in_file, mask_file) in enumerate(zip(self.inputs.in_files,
                                                          self.inputs.mask_files)):
@@ -68,18 +82,40 @@ class Predict(SimpleInterface):
             if self.inputs.mask_input:
                 data = data * mask
             probability = self._probability(ensemble, data, mask, precision)
-            if index == 0 and precision == "bfloat16":
+            if index == 0 and record is not None:
                 difference = self._bfloat16_difference(
                     probability, self._probability(ensemble, data, mask, "float32"), mask)
                 if difference:
                     precision, reason = "float32", f"{reason}, but {difference}"
                     probability = self._probability(ensemble, data, mask, precision)
+                else:
+                    reason = f"{reason}; its lesions were float32's at the first use"
+                self._keep_record(record, precision, reason)
             out_files.append(str(Path(runtime.cwd) / f"probability_{index:03d}{WORK_IMAGE_SUFFIX}"))
             nib.save(nib.Nifti1Image(probability, img.affine), out_files[-1])
         LOGGER.info("predicted in %s: %s", precision, reason)
         self._results.update(out_files=out_files,
                              precision={"Precision": precision, "PrecisionReason": reason})
         return runtime
+
+    def _check_record(self, ensemble) -> Path:
+        """Where the bfloat16 check of this ensemble, CPU, TensorFlow and lesion rule is kept."""
+        inputs = self.inputs
+        what = {"models": [model_file.md5 for model_file in ensemble.descriptor.files],
+                "cpu": cpu_model_name(), "flags": native_bfloat16_flags(),
+                "tensorflow": import_tensorflow().__version__,
+                "rule": [inputs.threshold, inputs.connectivity, inputs.min_size, inputs.min_peak,
+                         inputs.floor, inputs.mask_input, inputs.mask_output]}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+        return cmb_home() / PRECISION_CHECKS / f"{digest}.json"
+
+    @staticmethod
+    def _keep_record(record: Path, precision: str, reason: str) -> None:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(json.dumps([precision, reason]), record)
+        except OSError as exc:  # the check then runs again at the next use
+            LOGGER.warning("could not keep the bfloat16 check in %s: %s", record, exc)
 
     def _probability(self, ensemble, data, mask, precision):
         probability = ensemble.predict(data[np.newaxis, ..., np.newaxis], floor=self.inputs.floor,
