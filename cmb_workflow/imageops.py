@@ -137,13 +137,20 @@ def to_sitk(img: nib.Nifti1Image) -> sitk.Image:
     data = np.asarray(img.dataobj)
     # SimpleITK indexes arrays as [z, y, x].
     out = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
-    linear = img.affine[:3, :3]
+    spacing, direction, origin = sitk_geometry(img.affine)
+    out.SetSpacing(spacing)
+    out.SetDirection(direction)
+    out.SetOrigin(origin)
+    return out
+
+
+def sitk_geometry(affine: np.ndarray) -> tuple[list, list, list]:
+    """SimpleITK's spacing, direction and origin (LPS world) of a NIfTI affine."""
+    linear = affine[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     direction = _RAS_TO_LPS @ (linear / spacing)
-    out.SetSpacing([float(s) for s in spacing])
-    out.SetDirection([float(d) for d in direction.ravel()])
-    out.SetOrigin([float(o) for o in _RAS_TO_LPS @ img.affine[:3, 3]])
-    return out
+    return ([float(s) for s in spacing], [float(d) for d in direction.ravel()],
+            [float(o) for o in _RAS_TO_LPS @ affine[:3, 3]])
 
 
 def resample(img: nib.Nifti1Image, shape, affine, interpolation: str, *, clamp: bool = False,

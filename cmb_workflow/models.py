@@ -328,8 +328,13 @@ def bfloat16_candidate(requested: str) -> tuple[bool, str]:
 
 def native_bfloat16_flags() -> list[str]:
     """The native bfloat16 flags of this CPU, from /proc/cpuinfo (none where it is unreadable)."""
-    flags = _cpuinfo("flags").split()
+    flags = cpu_flags()
     return [flag for flag in NATIVE_BFLOAT16_FLAGS if flag in flags]
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's flags from /proc/cpuinfo (none where it is unreadable)."""
+    return _cpuinfo("flags").split()
 
 
 def cpu_model_name() -> str:

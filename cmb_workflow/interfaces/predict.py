@@ -70,9 +70,9 @@ class Predict(SimpleInterface):
         candidate, reason = bfloat16_candidate(self.inputs.precision)
         precision = "bfloat16" if candidate else "float32"
         record = self._check_record(ensemble) if candidate else None
-        if record is not None and record.exists():
-            precision, reason = json.loads(record.read_text())
-            record = None  # checked at an earlier use
+        kept = self._kept_check(record) if record is not None else None
+        if kept:
+            (precision, reason), record = kept, None  # checked at an earlier use
         out_files = []
         for index, (in_file, mask_file) in enumerate(zip(self.inputs.in_files,
                                                          self.inputs.mask_files)):
@@ -108,6 +108,16 @@ class Predict(SimpleInterface):
                          inputs.floor, inputs.mask_input, inputs.mask_output]}
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
         return cmb_home() / PRECISION_CHECKS / f"{digest}.json"
+
+    @staticmethod
+    def _kept_check(record: Path) -> tuple[str, str] | None:
+        """The (precision, reason) an earlier check kept; None if there is none usable (then
+        the check runs again and replaces it)."""
+        try:
+            precision, reason = json.loads(record.read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+        return (precision, str(reason)) if precision in ("float32", "bfloat16") else None
 
     @staticmethod
     def _keep_record(record: Path, precision: str, reason: str) -> None:
