@@ -12,7 +12,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import read_mask, resample
+from ..imageops import bounding_box, read_mask, resample
 from ..mars import MNI_COLUMNS, mars_counts
 from ..mimics import LIKELY_MIMIC_MIN_SCORE
 from ..rendering import cmb_count_band, figure_uri, model_summary, plt, render, software_versions
@@ -23,6 +23,11 @@ from .qc import QC_METRICS, metric_passes
 ZOOM_HALF_MM = 16
 MAX_THUMBNAILS = 60
 MOSAIC_SLICES = 12
+MOSAIC_COLUMNS = 6
+# Voxels of background kept around the brain in each mosaic tile, and between tiles.
+MOSAIC_MARGIN = 4
+MOSAIC_GAP = 2
+MOSAIC_TITLE_ROWS = 11  # background rows above each tile for its slice number
 # Sub-voxel steps of the outline grid: enough for the outline to follow voxel edges.
 OUTLINE_STEPS = 8
 # Gap between a lesion's voxels and its outline (voxels): the outline must not cover the dark
@@ -118,28 +123,52 @@ def _overview_figure(data, mask, box, window, orientation):
         ax.axis("off")
         _orient(ax, name, orientation, 11)
     fig.suptitle("brain mask (cyan), crop box given to the model (yellow, dashed)", fontsize=9)
-    fig.tight_layout()
+    # Fixed margins: the panels have no tick labels, and tight_layout cost a fifth of a figure.
+    fig.subplots_adjust(0.01, 0.01, 0.99, 0.88, wspace=0.04)
     return fig
 
 
 def _mosaic_figure(data, mask, window, orientation):
-    """Axial slices across the brain with the mask outline."""
+    """Axial slices across the brain with the mask outline, tiled into one image: one imshow and
+    one contour instead of a dozen axes, which took most of the report's time to draw."""
     slices = np.flatnonzero(mask.any(axis=(0, 1))) if mask.any() else np.arange(data.shape[2])
     picks = np.unique(np.linspace(slices[0], slices[-1], MOSAIC_SLICES + 2).round().astype(int))
     picks = picks[1:-1] if len(picks) > 2 else picks
-    columns = 6
+    x_range, y_range, _ = bounding_box(mask, MOSAIC_MARGIN)
+    width, height = x_range.stop - x_range.start, y_range.stop - y_range.start
+    columns = min(MOSAIC_COLUMNS, len(picks))
     rows = int(np.ceil(len(picks) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(12, 2.3 * rows), dpi=80)
-    for ax in np.ravel(axes):
-        ax.axis("off")
-    for ax, k in zip(np.ravel(axes), picks):
-        ax.imshow(data[:, :, k].T, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
-        if mask[:, :, k].any():
-            ax.contour(mask[:, :, k].T.astype(np.uint8), levels=[0.5], colors="cyan",
-                       linewidths=0.6)
-        ax.set_title(f"axial {k}", fontsize=8)
-        _orient(ax, "axial", orientation, 7)
-    fig.tight_layout()
+    tile_w, tile_h = width + MOSAIC_GAP, height + MOSAIC_TITLE_ROWS
+    image = np.full((rows * tile_h, columns * tile_w), window[0], np.float32)
+    outline = np.zeros(image.shape, np.uint8)
+    corners = []
+    for number, k in enumerate(picks):
+        # The first slice in the top left; rows go down the figure (origin "lower": from the top).
+        left, bottom = (number % columns) * tile_w, (rows - 1 - number // columns) * tile_h
+        tile = (slice(bottom, bottom + height), slice(left, left + width))
+        flip = slice(None, None, -1) if orientation == "radiological" else slice(None)
+        image[tile] = data[x_range, y_range, k].T[:, flip]
+        outline[tile] = mask[x_range, y_range, k].T[:, flip]
+        corners.append((left, bottom, k))
+    fig, ax = plt.subplots(figsize=(12, 12 * image.shape[0] / image.shape[1] + 0.3), dpi=80)
+    ax.imshow(image, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
+    if outline.any():
+        ax.contour(outline, levels=[0.5], colors="cyan", linewidths=0.6)
+    right, left = ("R", "L") if orientation == "radiological" else ("L", "R")
+    for left_x, bottom_y, k in corners:
+        ax.text(left_x + 1, bottom_y + height + 1, f"axial {k}", ha="left", va="bottom",
+                fontsize=7, color="white")
+    # Letters on the first tile only: the others are the same way round.
+    first_x, first_y, _ = corners[0]
+    for text, x, y, ha, va in ((right, first_x + 1, first_y + height / 2, "left", "center"),
+                               (left, first_x + width - 1, first_y + height / 2, "right", "center"),
+                               ("P", first_x + width / 2, first_y + 1, "center", "bottom"),
+                               ("A", first_x + width / 2, first_y + height - 1, "center", "top")):
+        ax.text(x, y, text, ha=ha, va=va, fontsize=7, **_LETTER_STYLE)
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(-0.5, image.shape[0] - 0.5)
+    ax.axis("off")
+    fig.subplots_adjust(0.005, 0.005, 0.995, 0.995)
     return fig
 
 
@@ -160,7 +189,7 @@ def _lesion_figure(data, labels, row, index, window, voxel_mm, orientation):
         ax.set_title(name, fontsize=8)
         ax.axis("off")
         _orient(ax, name, orientation, 7)
-    fig.tight_layout()
+    fig.subplots_adjust(0.01, 0.01, 0.99, 0.88, wspace=0.06)
     return fig
 
 
