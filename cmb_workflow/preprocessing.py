@@ -84,12 +84,37 @@ def conform(img: nib.Nifti1Image, convention: str, *, source="", interpolation="
     data = np.asarray(img.dataobj)
     copy = np.allclose(nib.affines.voxel_sizes(img.affine), SHIVAI_VOXEL_SIZE,
                        rtol=0, atol=SHIVAI_COPY_TOLERANCE_MM)
-    resampled = processing.conform(img, out_shape=SHIVAI_GRID_SHAPE,
-                                   voxel_size=(SHIVAI_VOXEL_SIZE,) * 3, order=0 if copy else 3,
-                                   cval=0.0, orientation="RAS")
+    resampled, affine = _nibabel_conform(img, order=0 if copy else 3)
     # Cubic splines overshoot at edges; SHiVAi keeps the input's range.
-    out = np.clip(np.asarray(resampled.dataobj, dtype=np.float32), data.min(), data.max())
-    return nib.Nifti1Image(out, resampled.affine)
+    out = np.clip(resampled.astype(np.float32, copy=False), data.min(), data.max())
+    return nib.Nifti1Image(out, affine)
+
+
+def _nibabel_conform(img: nib.Nifti1Image, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """(data, affine) of nibabel.processing.conform(img) onto SHiVAi's grid (RAS, cval 0), with
+    the same voxels, interpolated only where the image's field of view reaches: the rest of the
+    256³ grid (often more than half of it) lies outside, where nibabel computes nothing but 0."""
+    data = np.asarray(img.dataobj)
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                                nib.orientations.axcodes2ornt("RAS"))
+    reoriented = img.as_reoriented(transform)
+    affine = processing.rescale_affine(reoriented.affine, reoriented.shape,
+                                       (SHIVAI_VOXEL_SIZE,) * 3, SHIVAI_GRID_SHAPE)
+    # As nibabel.processing.resample_from_to maps output voxels to input voxels.
+    rotation, translation = nib.affines.to_matvec(np.linalg.inv(img.affine) @ affine)
+    # The output voxels whose input coordinates can lie within the input (a voxel of slack
+    # beyond each face): every other one is outside, 0.
+    corners = np.array(np.meshgrid(*[(-2.0, n + 1.0) for n in data.shape],
+                                   indexing="ij")).reshape(3, -1)
+    reached = np.linalg.inv(rotation) @ (corners - translation[:, None])
+    start = np.clip(np.floor(reached.min(axis=1)).astype(int) - 1, 0, SHIVAI_GRID_SHAPE)
+    stop = np.clip(np.ceil(reached.max(axis=1)).astype(int) + 2, 0, SHIVAI_GRID_SHAPE)
+    out = np.zeros(SHIVAI_GRID_SHAPE, data.dtype)
+    if np.all(stop > start):
+        out[tuple(slice(a, b) for a, b in zip(start, stop))] = ndimage.affine_transform(
+            data, rotation, translation + rotation @ start, tuple(stop - start), order=order,
+            mode="constant", cval=0.0)
+    return out, affine
 
 
 def mask_onto_grid(mask_img: nib.Nifti1Image, reference: nib.Nifti1Image,
