@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import shlex
 import sys
@@ -188,6 +189,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # A worker process of a run imports the main script again while it starts; a script that
+    # calls main() at its top level would start a second run there, writing into the same OUT.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise SystemExit("cmb-workflow: not started inside a starting worker process: the "
+                         "script that calls cmb_workflow.cli.main needs "
+                         "`if __name__ == \"__main__\":` around that call")
     arguments = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(next((a for a in arguments if not a.startswith("-")), None)) \
         .parse_args(arguments)

@@ -13,7 +13,11 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
 
 from .configs import ConfigError, Settings
 from .slurm import SLURM_PLUGINS, SbatchArgs, cancel_jobs, prepare as prepare_slurm, wait_for_jobs
@@ -28,6 +32,9 @@ MULTIPROC_POLL_SECONDS = 0.1
 # of a run) start with them: worker_logging first (see there). Not TensorFlow (fork after it
 # deadlocks) nor ANTsPy (ITK must read its thread count inside registration._ants).
 WORKER_PRELOAD = ["cmb_workflow.worker_logging", "cmb_workflow.workflow.base", "nilearn.datasets"]
+# A step whose worker process died is started this many times in all before it fails: a dead
+# worker breaks the whole pool, so the steps running beside it die too through no fault of theirs.
+WORKER_LOSS_TRIES = 2
 # Seconds the workers get to end after SIGTERM before they are killed.
 WORKER_GRACE_SECONDS = 10
 # Seconds a shared RunLock waits for another shared holder to finish writing its name.
@@ -79,9 +86,11 @@ class Execution:
             self.job_log_dir.mkdir(parents=True, exist_ok=True)
         if self.plugin == "MultiProc":
             workflow.config["execution"]["poll_sleep_duration"] = MULTIPROC_POLL_SECONDS
+        plugin = WorkerLossTolerantMultiProcPlugin(plugin_args=self.args) \
+            if self.plugin == "MultiProc" else self.plugin
         try:
             with progress.watching() if progress else contextlib.nullcontext():
-                workflow.run(plugin=self.plugin, plugin_args=self.args)
+                workflow.run(plugin=plugin, plugin_args=self.args)
         except RuntimeError as exc:
             # Nipype raises after running everything it could when some nodes failed; the
             # progress lines and the summary name them, the run log keeps Nipype's account.
@@ -92,6 +101,73 @@ class Execution:
             raise
         if self.plugin == "SLURMGraph":
             wait_for_jobs(self.sbatch.comment)
+
+
+class WorkerLossTolerantMultiProcPlugin(MultiProcPlugin):
+    """Nipype's MultiProc, except that a step whose worker process died (killed by the system,
+    out of memory, a crash in a library) ends instead of being waited for forever: Nipype's
+    callback raises on the broken pool, so the step would never finish and the run would hang.
+    The pool is replaced and every step it lost starts again, up to WORKER_LOSS_TRIES times in
+    all, then fails with the reason."""
+
+    def __init__(self, plugin_args=None):
+        super().__init__(plugin_args=plugin_args)
+        self._started: dict[int, tuple] = {}  # taskid -> (node, updatehash, tries)
+        self._lost: set[int] = set()
+        self._lost_lock = threading.Lock()
+
+    def _submit_job(self, node, updatehash=False):
+        self._taskid += 1
+        # As Nipype's: no streamed output from a worker.
+        if getattr(node.interface, "terminal_output", "") == "stream":
+            node.interface.terminal_output = "allatonce"
+        self._start(self._taskid, node, updatehash, 1)
+        return self._taskid
+
+    def _start(self, taskid, node, updatehash, tries):
+        self._started[taskid] = (node, updatehash, tries)
+        try:
+            future = self.pool.submit(run_node, node, updatehash, taskid)
+        except BrokenProcessPool:
+            self._replace_pool()
+            future = self.pool.submit(run_node, node, updatehash, taskid)
+        self._task_obj[taskid] = future
+        future.add_done_callback(lambda done: self._ended(taskid, done))
+
+    def _ended(self, taskid, future):
+        try:
+            self._taskresult[taskid] = future.result()
+        except BrokenProcessPool:
+            with self._lost_lock:
+                self._lost.add(taskid)
+
+    def _replace_pool(self):
+        self.pool.shutdown(wait=False)
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.processors, initializer=process_initializer, initargs=(self._cwd,),
+            mp_context=multiprocessing.get_context(self.plugin_args.get("mp_context")))
+
+    def _get_result(self, taskid):
+        with self._lost_lock:
+            lost = taskid in self._lost
+            self._lost.discard(taskid)
+        if not lost:
+            return super()._get_result(taskid)
+        node, updatehash, tries = self._started[taskid]
+        if tries < WORKER_LOSS_TRIES:
+            LOGGER.warning("%s: its worker process ended abruptly; starting it again",
+                           node.fullname)
+            self._start(taskid, node, updatehash, tries + 1)
+            return None
+        # An exception's line, which the summary gives as the reason.
+        return {"result": None, "traceback": [
+            f"WorkerProcessError: {node.name}'s worker process ended abruptly {tries} times "
+            "(killed by the system, out of memory, a crash; or a script that runs cmb-workflow "
+            "when imported: guard its call with `if __name__ == \"__main__\":`)\n"]}
+
+    def _clear_task(self, taskid):
+        super()._clear_task(taskid)
+        self._started.pop(taskid, None)
 
 
 class Progress:

@@ -252,3 +252,63 @@ def test_bad_config_and_unwritable_out_give_one_line_and_exit_2(tmp_path, capsys
     blocker.write_text("")
     status, err = run_main(capsys, study, blocker / "out")
     assert status == 2 and err.count("\n") == 1 and "cannot write there" in err
+
+
+def forkserver_workers(pid: int) -> list:
+    """The MultiProc workers under process `pid`: the children of its forkserver."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                workers += child.children()
+        except psutil.NoSuchProcess:
+            pass
+    return workers
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_the_run_ends_with_every_result(
+        study, h5_models, multiproc_run, tmp_path):
+    from helpers import result_digests
+
+    out = tmp_path / "cmb"
+    command = Path(sys.executable).parent / "cmb-workflow"
+    with open(tmp_path / "run.log", "w") as log:
+        process = subprocess.Popen([str(command), "run", str(study), str(out), "--models",
+                                    str(h5_models), "--plugin", "MultiProc", "--nprocs", "2"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            killed = None
+            while killed is None:
+                assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no MultiProc worker ran in 10 minutes"
+                # Midway through preprocessing, as the system's out-of-memory killer would.
+                if list((out / "work").glob("preprocess/*/conform/result_conform.pklz")):
+                    killed = next(iter(forkserver_workers(process.pid)), None)
+                time.sleep(0.2)
+            killed.kill()
+            # Before, Nipype waited forever for the dead worker's step.
+            assert process.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert result_digests(out) == result_digests(multiproc_run)
+
+
+@pytest.mark.slow
+def test_a_script_calling_main_unguarded_fails_each_image_instead_of_hanging(
+        study, h5_models, tmp_path):
+    # MultiProc's workers import the main script again as they start.
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nfrom cmb_workflow.cli import main\n"
+                      f"sys.exit(main(['run', {str(study)!r}, {str(tmp_path / 'cmb')!r}, "
+                      f"'--models', {str(h5_models)!r}, '--plugin', 'MultiProc']))\n")
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)
+    assert finished.returncode == 1
+    summary = (tmp_path / "cmb" / "cmb_summary.tsv").read_text()
+    assert summary.count("WorkerProcessError") == len(summary.splitlines()) - 1
+    assert 'guard its call with `if __name__ == "__main__":`' in summary
