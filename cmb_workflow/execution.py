@@ -69,6 +69,15 @@ class Execution:
         if self.plugin != "SLURMGraph":  # Nipype's graph plugins take no status callback
             self.args["status_callback"] = Progress(labels)
 
+    def start_workers(self) -> None:
+        """Start MultiProc's forkserver now, once the run log is named (configure_nipype: the
+        workers write there): it imports WORKER_PRELOAD, seconds, on a core of its own while
+        this process builds the graphs, instead of when the first step is sent out."""
+        if self.plugin == "MultiProc":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+
     @property
     def predict_plugin_args(self) -> dict | None:
         """Per-node arguments of the prediction jobs (GPU, memory), replacing the common ones."""

@@ -133,6 +133,7 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
     for folder in (crash_dir, handoff_dir):
         shutil.rmtree(folder, ignore_errors=True)
     log_file = configure_nipype(crash_dir, out_dir / "logs")
+    execution.start_workers()
     save_settings(config, log_file.with_name(log_file.stem + "_settings.yml"))
 
     for job in jobs:
