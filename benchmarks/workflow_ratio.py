@@ -7,20 +7,22 @@ On N phantoms and one SHIVA-sized ensemble (random weights, output pushed near 0
 post-processing sees a clean scan, as a real scan mostly is):
 - ours: `cmb-workflow run` with MultiProc on every core, from the raw images to OUT (conform,
   brain mask with template registration, crop, normalise, predict, lesions, mimic scores,
-  regions, native space, QC, reports);
+  regions, native space, QC, reports), each run a new process started as a user starts it;
 - reference: the crops our run gave the model, predicted one process per scan as the model
   repository's script does (benchmarks/prediction_speed.py's reference job), one after the
   other.
 Ours runs in float32, then in auto (bfloat16 only where the CPU has it natively) twice: the
 model's first use on this CPU, with its float32 check, and a later use, which follows the kept
-outcome (later runs also find the MultiProc forkserver started: about 2 s of imports).
+outcome.
 Prints the wall times and their ratios (the target is <= 1.0), each node's mean wall seconds in
 the last run, the CPU seconds of the first image's nodes (and the first prediction job) run again
 alone, each in a fresh process as a cluster job runs it (so with Python's start and imports;
 Nipype's own resource monitor counts threads several times over), and the critical path: the
 slowest image's preprocessing chain, prediction, and the slowest image's post-processing chain
-(its nodes run one after the other, but for to_native beside regions). CPU seconds are the
-figure to compare on a shared machine; wall seconds follow the load.
+(its nodes run one after the other, but for to_native beside regions), and where the cores ran
+no node: before the first step, at the boundary between the graphs, after the last step, and
+inside the graphs. CPU seconds are the figure to compare on a shared machine; wall seconds
+follow the load.
 """
 
 import argparse
@@ -41,17 +43,47 @@ from prediction_speed import run_job
 BESIDE_THE_CHAIN = {"to_native"}
 
 
-def node_times(work: Path) -> dict:
-    """graph -> image -> node -> (wall s in the run, node folder) from Nipype's result files."""
+def node_times(work: Path) -> tuple[dict, list]:
+    """(graph -> image -> node -> (wall s in the run, node folder), and every node's (graph,
+    name, start, end) in epoch seconds) from Nipype's result files."""
+    from datetime import datetime, timezone
+
     from nipype.utils.filemanip import loadpkl
 
+    def epoch(stamp: str) -> float:  # Nipype's times are UTC, marked as such or not
+        moment = datetime.fromisoformat(stamp)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
     times = defaultdict(lambda: defaultdict(dict))
+    spans = []
     for result_file in work.rglob("result_*.pklz"):
         folder = result_file.parent
         parts = folder.relative_to(work).parts
-        times[parts[0]][parts[1]][parts[-1]] = (float(loadpkl(result_file).runtime.duration),
-                                                folder)
-    return times
+        runtime = loadpkl(result_file).runtime
+        times[parts[0]][parts[1]][parts[-1]] = (float(runtime.duration), folder)
+        spans.append((parts[0], parts[-1], epoch(runtime.startTime), epoch(runtime.endTime)))
+    return times, spans
+
+
+def idle_core_seconds(spans, run_start: float, run_end: float, cores: int) -> dict:
+    """Core-seconds in which no node ran, by where they fall in the run: before the first node,
+    between the preprocessing graph's last node and the prediction graph's first, after the
+    last node, and the rest (inside the graphs). A prediction job counts for every core."""
+    events = sorted({run_start, run_end, *(t for span in spans for t in span[2:])})
+    pre_end = max(end for graph, _, _, end in spans if graph == "preprocess")
+    predict_start = min(start for graph, _, start, _ in spans if graph == "predict")
+    first, last = min(span[2] for span in spans), max(span[3] for span in spans)
+    idle = defaultdict(float)
+    for begin, end in zip(events, events[1:]):
+        middle = (begin + end) / 2
+        busy = sum(cores if node == "predict" else 1
+                   for _, node, start, stop in spans if start <= middle < stop)
+        where = ("before the first node" if middle < first else
+                 "after the last node" if middle > last else
+                 "between the graphs" if pre_end <= middle < predict_start else
+                 "inside the graphs")
+        idle[where] += max(cores - busy, 0) * (end - begin)
+    return dict(idle)
 
 
 def rerun_cpu_seconds(folder: Path) -> float:
@@ -80,8 +112,6 @@ def main():
 
     from model_builders import build_unet_ensemble  # on the path prediction_speed sets
 
-    from cmb_workflow.configs import load_config
-    from cmb_workflow.runner import run_study
     from cmb_workflow.synthetic import make_phantom_dataset
 
     print(f"CPU: {cpu_description()}, {len(os.sched_getaffinity(0))} cores, load average "
@@ -107,11 +137,13 @@ def main():
         for index, run in enumerate(runs):
             precision = run.split()[0]
             out = tmp / f"out_{index}"
-            config = load_config(overrides={"models": str(descriptor), "plugin": "MultiProc",
-                                            "precision": precision})
-            start = time.perf_counter()
-            run_study(tmp / "bids", out, config)
-            walls[run] = time.perf_counter() - start
+            command = [str(Path(sys.executable).with_name("cmb-workflow")), "run",
+                       str(tmp / "bids"), str(out), "--models", str(descriptor), "--plugin",
+                       "MultiProc", "--precision", precision]
+            run_start = time.time()
+            subprocess.run(command, check=True, capture_output=True)
+            run_end = time.time()
+            walls[run] = run_end - run_start
             sidecar = json.loads(next(out.rglob("*_probseg.json")).read_text())
             print(f"ours, precision {run}: {walls[run]:.1f} s, predicted in "
                   f"{sidecar['Precision']} ({sidecar['PrecisionReason']})", flush=True)
@@ -131,7 +163,7 @@ def main():
                   f"{ours / reference:.2f}")
 
         print(f"\nnodes of the run with precision {run}:")
-        times = node_times(out / "work")
+        times, spans = node_times(out / "work")
         print(f"\n{'graph':<11} {'node':<20} {'images':>6} {'wall s':>7} {'CPU s alone':>11}  "
               "(wall: mean per image in the run; predict: per job)")
         for graph, images in times.items():
@@ -165,7 +197,9 @@ def main():
                    for node, (wall, _) in nodes.items())
         print(f"nodes ran {busy:.1f} s of {cores} cores x {ours:.1f} s "
               f"({100 * busy / (cores * ours):.0f} %): {cores * ours - busy:.1f} core-s with no "
-              "node running (phase boundaries, start-up, graph building, summary)")
+              "node running:")
+        for where, seconds in idle_core_seconds(spans, run_start, run_end, cores).items():
+            print(f"  {where}: {seconds:.1f} core-s")
 
 
 if __name__ == "__main__":
