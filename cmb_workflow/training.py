@@ -36,7 +36,7 @@ LOGGER = logging.getLogger("cmb_workflow.training")
 # The demo model's inputs are prepared as this project first did (preprocessing.py); its
 # descriptor says so, so that `run` feeds it the same.
 DEMO_CONVENTION = "cmb-workflow-1"
-DEMO_VERSION = "demo-6"
+DEMO_VERSION = "demo-5"
 TRAIN_SEED = 20261124
 PATCH_SIZE = 48
 # Truth brain masks grown by up to this many voxels: the automatic mask is never exact.
@@ -46,9 +46,6 @@ MAX_MASK_GROWTH = 3
 IRON_DARKENING = 0.4
 # Brain voxels this dark (percentile) are sampled as hard negatives.
 DARK_PERCENTILE = 5
-# ... and so are voxels with this share of CSF (sulcal fundi, ventricular rims): dark in every
-# look whose CSF is darker than tissue, where demo-5 took their junctions for microbleeds.
-CSF_EDGE_SHARE = (0.25, 0.75)
 # ... from this fraction of the training steps on.
 HARD_NEGATIVES_FROM = 0.4
 # At these fractions of the steps, the network's false positives on the whole training crops
@@ -148,7 +145,7 @@ class TrainingSubject:
     anatomy: dict  # synthetic.randomise.MAP_NAMES -> array
     lesions: Components = field(init=False)
     brain_voxels: np.ndarray = field(init=False)  # flat indices
-    hard_negative_sites: list = field(init=False)  # voxel arrays, one per kind
+    dark_voxels: np.ndarray = field(init=False)
     near_lesion: np.ndarray = field(init=False)
     brain_sample: np.ndarray = field(init=False)
 
@@ -157,10 +154,8 @@ class TrainingSubject:
 
         self.lesions = Components(self.target)
         self.brain_voxels = np.flatnonzero(self.mask)
+        self.dark_voxels = dark_non_lesion_voxels(self.data, self.mask, self.target)
         self.near_lesion = ndimage.binary_dilation(self.target, iterations=3)
-        sites = (dark_non_lesion_voxels(self.data, self.mask, self.near_lesion),
-                 csf_edge_voxels(self.anatomy["csf"], self.mask, self.near_lesion))
-        self.hard_negative_sites = [voxels for voxels in sites if len(voxels)]
         # Fixed per subject, so that a patch's normalisation depends on its appearance only.
         self.brain_sample = brain_sample(np.random.default_rng(int(self.target.sum())),
                                          self.mask)
@@ -240,10 +235,9 @@ def sample_batch(rng, subjects, batch_size: int, patch: int, hard_negatives: boo
                  iron_darkening: float = 0.0, randomised_share: float = RANDOMISED_SHARE):
     """Every other patch contains a microbleed (anywhere inside the patch; which one: see
     FoldRecipe); the others are centred on any brain voxel or, with hard_negatives, every second
-    one on a hard negative: half the time when there are some, a false positive of the network
-    (false_positives: (subject, voxels) per mined component, each component equally likely),
-    otherwise a dark structure that is not a microbleed (a vein, an iron-rich nucleus) or a
-    CSF edge, each kind equally likely. A share of the patches gets a
+    one on a dark structure that is not a microbleed (a vein, an iron-rich nucleus) or, half the
+    time when there are some, on a false positive of the network (false_positives: (subject,
+    voxels) per mined component, each component equally likely). A share of the patches gets a
     random appearance (TrainingSubject.image); the others have their iron nuclei darkened
     by a random amount: the nuclei get darker, microbleeds and veins keep their contrast to the
     tissue around them. Random left-right flips."""
@@ -256,7 +250,7 @@ def sample_batch(rng, subjects, batch_size: int, patch: int, hard_negatives: boo
         if mined:
             subject, voxels = false_positives[rng.integers(len(false_positives))]
         current = subjects[subject]
-        mask, lesions, sites = current.mask, current.lesions, current.hard_negative_sites
+        mask, lesions, dark_voxels = current.mask, current.lesions, current.dark_voxels
         if mined:
             centre = voxels[rng.integers(len(voxels))]
         elif index % 2 == 0 and lesions:
@@ -267,9 +261,8 @@ def sample_batch(rng, subjects, batch_size: int, patch: int, hard_negatives: boo
                 chances = sizes ** lesion_chance_power
                 voxels = lesions[rng.choice(len(lesions), p=chances / chances.sum())]
             centre = voxels[rng.integers(len(voxels))] + rng.integers(-half + 6, half - 6, 3)
-        elif hard_slot and sites:
-            voxels = sites[rng.integers(len(sites))]
-            centre = voxels[rng.integers(len(voxels))]
+        elif hard_slot and len(dark_voxels):
+            centre = dark_voxels[rng.integers(len(dark_voxels))]
         else:
             brain = current.brain_voxels
             centre = np.array(np.unravel_index(brain[rng.integers(brain.size)], mask.shape))
@@ -295,17 +288,12 @@ class Components(list):
         self.all_voxels = np.argwhere(binary)
 
 
-def dark_non_lesion_voxels(data, mask, near_lesion) -> np.ndarray:
+def dark_non_lesion_voxels(data, mask, target) -> np.ndarray:
     """Brain voxels among the darkest DARK_PERCENTILE % that are not near a microbleed."""
     # float32: percentile arithmetic overflows in float16, the dtype the crops are kept in.
     threshold = np.percentile(data[mask].astype(np.float32), DARK_PERCENTILE)
+    near_lesion = ndimage.binary_dilation(target, iterations=3)
     return np.argwhere(mask & (data <= threshold) & ~near_lesion)
-
-
-def csf_edge_voxels(csf, mask, near_lesion) -> np.ndarray:
-    """Brain voxels whose CSF share lies within CSF_EDGE_SHARE, not near a microbleed."""
-    low, high = CSF_EDGE_SHARE
-    return np.argwhere(mask & (csf >= low) & (csf <= high) & ~near_lesion)
 
 
 def false_positive_sites(predict, subjects, rng, config, threshold: float = 0.5) -> list:
@@ -431,8 +419,7 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 32, batch
                 "folds": [asdict(recipe) for recipe in recipes], "batch_size": batch_size,
                 "patch": patch, "base_filters": base_filters, "levels": levels,
                 "learning_rate": learning_rate,
-                "dark_percentile": DARK_PERCENTILE, "csf_edge_share": list(CSF_EDGE_SHARE),
-                "hard_negatives_from": HARD_NEGATIVES_FROM,
+                "dark_percentile": DARK_PERCENTILE, "hard_negatives_from": HARD_NEGATIVES_FROM,
                 "randomised_share": RANDOMISED_SHARE, "mining_subjects": MINING_SUBJECTS,
                 "mining_at": list(MINING_AT), "mining": mining,
                 "parameters": int(full.count_params()),

@@ -103,8 +103,8 @@ STYLES = {
                         noise_correlation_mm=1.2, bias_scale=1.5, vein_depth_scale=0.7,
                         lesion_edge_scale=0.5),
     # Very bright CSF (about twice white matter), grey matter brighter than white, white noise,
-    # little bias, dark veins, slightly blooming bleeds. Defined before demo-6 was trained and
-    # never looked at while it was built: the held-out look its figures answer to.
+    # little bias, dark veins, slightly blooming bleeds. Added after demo-5 was trained; no
+    # training recipe was chosen by looking at it.
     "contrast-d": Style(csf_excess_scale=2.2, grey_white_sign=-0.6, noise_fraction=(0.03, 0.07),
                         noise_correlation_mm=0.0, bias_scale=0.5, vein_depth_scale=1.3,
                         lesion_edge_scale=1.3),

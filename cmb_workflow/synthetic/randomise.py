@@ -37,11 +37,8 @@ LESION_DEPTH = (0.5, 0.95)
 LESION_BLUR_MM = (0.0, 0.8)  # blooming halo
 LESION_POWER = (0.5, 2.0)  # log-uniform: > 1 sharpens the rim, < 1 widens it
 BIAS_SD = (0.3, 0.25)  # linear and quadratic log-bias per 100 mm along each axis
-# Noise up to 12 % of white matter, correlated up to 1.6 mm (interpolated, zero-filled or
-# filtered reconstructions): at 10 % and 1.2 mm, coloured noise blobs were still microbleeds to
-# demo-5 (docs/demo-model.md, History).
-NOISE_FRACTION = (0.01, 0.12)  # Rician sigma over white matter
-NOISE_CORRELATION_MM = (0.0, 1.6)
+NOISE_FRACTION = (0.01, 0.10)  # Rician sigma over white matter
+NOISE_CORRELATION_MM = (0.0, 1.2)
 BLUR_MM = (0.0, 0.7)
 SLICE_THICKNESS_MM = (1.5, 3.5)
 GAMMA_LOG_SD = 0.25
