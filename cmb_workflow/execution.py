@@ -39,6 +39,8 @@ WORKER_LOSS_TRIES = 2
 WORKER_GRACE_SECONDS = 10
 # Seconds a shared RunLock waits for another shared holder to finish writing its name.
 SHARED_LOCK_WAIT_SECONDS = 5
+# The run log the running forkserver's workers write to (start_workers).
+_FORKSERVER_RUN_LOG: str | None = None
 
 
 class Execution:
@@ -73,10 +75,19 @@ class Execution:
         """Start MultiProc's forkserver now, once the run log is named (configure_nipype: the
         workers write there): it imports WORKER_PRELOAD, seconds, on a core of its own while
         this process builds the graphs, instead of when the first step is sent out."""
-        if self.plugin == "MultiProc":
-            from multiprocessing import forkserver
+        if self.plugin != "MultiProc":
+            return
+        from multiprocessing import forkserver
 
-            forkserver.ensure_running()
+        global _FORKSERVER_RUN_LOG
+        run_log = os.environ.get("CMB_WORKFLOW_RUN_LOG")
+        if _FORKSERVER_RUN_LOG != run_log:
+            # A forkserver left by an earlier run in this process (a script or notebook calling
+            # cli.main twice) would fork this run's workers writing to that run's log. _stop is
+            # the standard library's own way to end it (Python 3.8 and later).
+            forkserver._forkserver._stop()
+        forkserver.ensure_running()
+        _FORKSERVER_RUN_LOG = run_log
 
     @property
     def predict_plugin_args(self) -> dict | None:

@@ -75,6 +75,12 @@ def test_demo_run_twice_gives_the_same_outputs(demo_run, tmp_path):
     maintainer runs on main and on a branch (docs/pipeline.md, Refactoring safely)."""
     assert main(["demo", str(tmp_path), *DEMO_ARGS]) == 0
     assert compare_outputs.compare_folders(demo_run[0], tmp_path) == 0
+    # The second run in this process has workers of its own, writing to its own log.
+    def worker_lines(out):
+        logs = "".join(path.read_text() for path in (out / "results" / "logs").glob("*.log"))
+        return [line for line in logs.splitlines() if "[Node] Setting-up" in line]
+    assert any(f'"{tmp_path}' in line for line in worker_lines(tmp_path))
+    assert not any(str(tmp_path) in line for line in worker_lines(demo_run[0]))
 
 
 def test_training_is_reproducible_from_its_seed(tmp_path):
