@@ -140,7 +140,10 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
         "metric_mask": (IMAGE_STAGE_MM, nib.Nifti1Image(metric_mask.astype(np.uint8), affine)),
     }
     prefix = out_dir / TRANSFORM_PREFIX
-    levels = ["--convergence", "[500x250,1e-6,10]", "--shrink-factors", "2x1",
+    # A level ends when the metric's slope over its last 10 iterations falls under 1e-4 (1e-6
+    # before): 46 % less of ANTs' time, the same masks (benchmarks/brain_mask.py, 14 phantoms:
+    # median Dice 0.9711 both, worst 0.9642 against 0.9638).
+    levels = ["--convergence", "[500x250,1e-4,10]", "--shrink-factors", "2x1",
               "--smoothing-sigmas", "1x0vox"]
     files = {}
     for name, (mm, image) in images.items():
