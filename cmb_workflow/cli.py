@@ -65,9 +65,11 @@ def _add_run_parser(subparsers) -> None:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="CPU prediction arithmetic (default auto: bfloat16 only where the "
                              "CPU computes it natively and it finds float32's lesions)")
-    parser.add_argument("--drop-likely-mimics", action="store_true", default=None,
+    parser.add_argument("--drop-likely-mimics", action=argparse.BooleanOptionalAction,
                         help="remove lesions that look like veins, edges or dark nuclei "
-                             "(mimic_score >= 0.5) from the maps, tables and counts")
+                             "(mimic_score >= 0.5) from the maps, tables and counts (default: "
+                             "as the model descriptor says, else keep them; the demo model "
+                             "drops them)")
     parser.add_argument("--clean-work", action="store_true", default=None,
                         help="when every image succeeded, delete the intermediate files of the "
                              "work folder (a re-run then recomputes everything)")

@@ -60,6 +60,8 @@ class ModelDescriptor:
     min_peak_probability: float | None = None
     # How its inputs were prepared (preprocessing.CONVENTIONS); SHIVA releases say nothing: shivai.
     preprocessing: str = "shivai"
+    # Whether its lesions flagged likely_mimic are dropped unless a setting says otherwise.
+    drop_likely_mimics: bool = False
 
 
 def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescriptor:
@@ -102,9 +104,13 @@ def read_descriptor(json_path, *, expected_target: str = "cmb") -> ModelDescript
     if preprocessing not in CONVENTIONS:
         raise ModelError(f"{json_path}: preprocessing {preprocessing!r} is not one of "
                          f"{', '.join(CONVENTIONS)}")
+    drop_likely_mimics = info.get("drop_likely_mimics", False)
+    if not isinstance(drop_likely_mimics, bool):
+        raise ModelError(f"{json_path}: drop_likely_mimics {drop_likely_mimics!r} is not true or "
+                         "false")
     return ModelDescriptor(json_path, target, modalities, str(info.get("version", "")),
                            tuple(files), info, None if min_peak is None else float(min_peak),
-                           preprocessing)
+                           preprocessing, drop_likely_mimics)
 
 
 def is_probability(value) -> bool:

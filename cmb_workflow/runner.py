@@ -80,14 +80,18 @@ def run_study(in_dir, out_dir, config: Settings, command_line: str = "") -> int:
 
 def with_model_defaults(config: Settings, descriptor) -> Settings:
     """The settings left unset that the model decides: min_peak_probability (the descriptor's
-    own, else none: 0), preprocessing (the descriptor's), mask_input (the preprocessing's)."""
+    own, else none: 0), preprocessing (the descriptor's), mask_input (the preprocessing's),
+    drop_likely_mimics (the descriptor's, else no)."""
     min_peak = config.min_peak_probability
     preprocessing = config.preprocessing or descriptor.preprocessing
     mask_input = config.mask_input
+    drop_likely_mimics = config.drop_likely_mimics
     return config.replace(
         min_peak_probability=descriptor.min_peak_probability or 0.0 if min_peak is None
         else min_peak, preprocessing=preprocessing,
-        mask_input=MASK_INPUT[preprocessing] if mask_input is None else mask_input)
+        mask_input=MASK_INPUT[preprocessing] if mask_input is None else mask_input,
+        drop_likely_mimics=descriptor.drop_likely_mimics if drop_likely_mimics is None
+        else drop_likely_mimics)
 
 
 def clean_work_folder(work_dir: Path) -> None:

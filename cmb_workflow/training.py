@@ -431,7 +431,11 @@ def train(out_folder: Path, *, recipes=FOLD_RECIPES, n_subjects: int = 32, batch
                     f"{len(recipes)} 3D U-Nets ({levels} levels, {base_filters} base filters) "
                     "trained on phantom patches in random looks by `cmb-workflow train-demo`.",
         training=f"cmb-workflow train-demo --seed {seed} (see training.json)",
-        min_peak_probability=DEMO_MIN_PEAK_PROBABILITY, preprocessing=DEMO_CONVENTION)
+        min_peak_probability=DEMO_MIN_PEAK_PROBABILITY, preprocessing=DEMO_CONVENTION,
+        # Its false positives on unseen looks are mostly what the mimic score flags (CSF edges,
+        # cortical ribbon, folia): dropping them was measured to cost few microbleeds
+        # (docs/demo-model.md).
+        drop_likely_mimics=True)
 
 
 def add_arguments(parser) -> None:

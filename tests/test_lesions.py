@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from cmb_workflow.cli import build_parser
 from cmb_workflow.configs import ConfigError, load_config
 from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.models import ModelError, read_descriptor
@@ -49,6 +50,23 @@ def test_unset_min_peak_takes_the_models_own_and_a_setting_overrides_it(tmp_path
     assert with_model_defaults(load_config(), without).min_peak_probability == 0.0
     chosen = load_config(overrides={"min_peak_probability": 0.5})
     assert with_model_defaults(chosen, with_peak).min_peak_probability == 0.5
+
+
+def test_unset_drop_likely_mimics_takes_the_models_own_and_the_command_line_overrides_it(
+        tmp_path):
+    dropping = read_descriptor(write_descriptor(tmp_path, drop_likely_mimics=True))
+    silent = read_descriptor(write_descriptor(tmp_path))
+
+    assert with_model_defaults(load_config(), dropping).drop_likely_mimics is True
+    assert with_model_defaults(load_config(), silent).drop_likely_mimics is False
+    for flag, expected in (("--no-drop-likely-mimics", False), ("--drop-likely-mimics", True)):
+        given = build_parser("run").parse_args(["run", "in", "out", flag]).drop_likely_mimics
+        chosen = load_config(overrides={"drop_likely_mimics": given})
+        assert with_model_defaults(chosen, dropping if expected is False else silent) \
+            .drop_likely_mimics is expected
+    with pytest.raises(ModelError, match=r"model_info.json: drop_likely_mimics 'yes' is not "
+                                         r"true or false"):
+        read_descriptor(write_descriptor(tmp_path, drop_likely_mimics="yes"))
 
 
 @pytest.mark.parametrize("value", [1.5, "high", True])

@@ -179,9 +179,10 @@ class Settings:
         None, "keep a lesion only if its highest probability reaches this; None: the model "
         "descriptor's own, else no such limit", kind="float", minimum=0, maximum=1,
         optional=True)
-    drop_likely_mimics: bool = setting(False, "remove lesions flagged likely_mimic (veins, "
-                                       "edges, dark nuclei; docs/mimics.md) from the maps, "
-                                       "tables and counts; the report lists them")
+    drop_likely_mimics: bool | None = setting(
+        None, "remove lesions flagged likely_mimic (veins, edges, dark nuclei; docs/mimics.md) "
+        "from the maps, tables and counts; the report lists them; None: as the model descriptor "
+        "says, else no (the demo model: yes)", kind="bool", optional=True)
     # Execution
     work_dir: str | None = setting(None, "intermediate files; the same folder resumes a run; "
                                    "None: OUT/work", kind="path", optional=True)
