@@ -156,15 +156,17 @@ def sitk_geometry(affine: np.ndarray) -> tuple[list, list, list]:
 def resample(img: nib.Nifti1Image, shape, affine, interpolation: str, *, clamp: bool = False,
              dtype=np.float32) -> nib.Nifti1Image:
     """Resample `img` onto the grid (shape, affine); zero outside the source field of view."""
-    reference = to_sitk(nib.Nifti1Image(np.zeros(tuple(shape), dtype=np.uint8), affine))
-    source = to_sitk(img)
-    resampled = sitk.Resample(source, reference, sitk.Transform(), INTERPOLATORS[interpolation],
-                              0.0, sitk.sitkFloat32)
-    data = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+    spacing, direction, origin = sitk_geometry(affine)
+    resampled = sitk.Resample(to_sitk(img), [int(n) for n in shape], sitk.Transform(),
+                              INTERPOLATORS[interpolation], origin, spacing, direction, 0.0,
+                              sitk.sitkFloat32)
+    # A view, copied once below (in NIfTI's own axis order, which nibabel writes fastest).
+    data = sitk.GetArrayViewFromImage(resampled).transpose(2, 1, 0)
     if clamp:
         # Sinc and B-spline kernels ring at edges; keep the input's intensity range as SHiVAi does.
         source_data = np.asarray(img.dataobj)
-        data = np.clip(data, source_data.min(), source_data.max())
+        return nib.Nifti1Image(np.clip(data, source_data.min(), source_data.max()).astype(
+            dtype, copy=False), affine)
     return nib.Nifti1Image(data.astype(dtype), affine)
 
 

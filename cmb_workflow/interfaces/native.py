@@ -32,6 +32,8 @@ def native_labels(labels: nib.Nifti1Image, rows, shape, affine) -> np.ndarray:
     That way every row of the lesion table is present in the native label map.
     """
     native = np.asarray(resample(labels, shape, affine, "nearest").dataobj).astype(np.int32)
+    if not rows:  # a clean scan: nothing to look for
+        return native
     present = set(np.unique(native).tolist())
     inverse = np.linalg.inv(affine)
     for row in rows:
