@@ -17,7 +17,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 from nibabel import processing
-from scipy import ndimage
+from scipy import ndimage, sparse
 
 from .imageops import ImageError, conformed_grid, resample
 
@@ -111,10 +111,52 @@ def _nibabel_conform(img: nib.Nifti1Image, order: int) -> tuple[np.ndarray, np.n
     stop = np.clip(np.ceil(reached.max(axis=1)).astype(int) + 2, 0, SHIVAI_GRID_SHAPE)
     out = np.zeros(SHIVAI_GRID_SHAPE, data.dtype)
     if np.all(stop > start):
+        offset, box_shape = translation + rotation @ start, tuple(stop - start)
+        axis_of = _input_axes(rotation, data.shape) if order == 3 else None
         out[tuple(slice(a, b) for a, b in zip(start, stop))] = ndimage.affine_transform(
-            data, rotation, translation + rotation @ start, tuple(stop - start), order=order,
-            mode="constant", cval=0.0)
+            data, rotation, offset, box_shape, order=order, mode="constant", cval=0.0) \
+            if axis_of is None else _cubic_along_axes(data, rotation, offset, box_shape, axis_of)
     return out, affine
+
+
+def _input_axes(rotation: np.ndarray, in_shape) -> list[int] | None:
+    """For each output axis, the one input axis it moves along, when the grids' axes are
+    parallel (no output axis mixes input axes: exact zeros elsewhere) and every input axis is
+    long enough for _cubic_along_axes' boundary rule; else None."""
+    nonzero = rotation != 0
+    if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)) \
+            or min(in_shape) < 4:
+        return None
+    return [int(np.flatnonzero(nonzero[:, axis])[0]) for axis in range(3)]
+
+
+def _cubic_along_axes(data, rotation, offset, out_shape, axis_of) -> np.ndarray:
+    """ndimage.affine_transform(data, rotation, offset, out_shape, order=3, mode="constant",
+    cval=0) for grids with parallel axes, one axis at a time: 4 spline taps per voxel and axis,
+    as a sparse matrix product, instead of 4³ per voxel (several times faster). The same B-spline
+    coefficients, weights and boundary rule (mirrored coefficients; coordinates outside
+    [0, n - 1] give 0); only the order of float64 additions differs, so values agree to a
+    float32 rounding step."""
+    values = ndimage.spline_filter(data, order=3, output=np.float64, mode="constant")
+    # Axes that shrink the most go first, so that later passes work on fewer voxels.
+    for out_axis in sorted(range(3), key=lambda a: out_shape[a] / data.shape[axis_of[a]]):
+        axis, length = axis_of[out_axis], data.shape[axis_of[out_axis]]
+        coordinate = rotation[axis, out_axis] * np.arange(out_shape[out_axis]) + offset[axis]
+        first = np.floor(coordinate)
+        t = coordinate - first
+        weights = np.stack([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4,
+                            -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3], axis=1) / 6
+        weights[(coordinate < 0) | (coordinate > length - 1)] = 0.0
+        taps = np.abs(first.astype(int)[:, None] - 1 + np.arange(4))  # mirrored at both ends
+        taps = np.where(taps > length - 1, 2 * (length - 1) - taps, taps)
+        taps = np.clip(taps, 0, length - 1)  # only where the weights are 0: far outside
+        spline = sparse.csr_matrix((weights.ravel(), taps.ravel(),
+                                    np.arange(0, weights.size + 1, 4)),
+                                   shape=(len(coordinate), length))
+        moved = np.moveaxis(values, axis, 0)
+        values = np.moveaxis((spline @ moved.reshape(length, -1)).reshape(
+            (len(coordinate),) + moved.shape[1:]), 0, axis)
+    return values.transpose(axis_of).astype(data.dtype)
 
 
 def mask_onto_grid(mask_img: nib.Nifti1Image, reference: nib.Nifti1Image,

@@ -7,8 +7,9 @@ from helpers import grid_affine, make_head
 
 from cmb_workflow.imageops import ImageError, conformed_grid, load_volume, resample
 from cmb_workflow.interfaces.lesions import label_lesions
-from cmb_workflow.preprocessing import (clean_mask, conform, correct_affine, crop_start, deface,
-                                        extract_box, mask_onto_grid, normalize)
+from cmb_workflow.preprocessing import (_cubic_along_axes, _input_axes, clean_mask, conform,
+                                        correct_affine, crop_start, deface, extract_box,
+                                        mask_onto_grid, normalize)
 
 
 @pytest.mark.parametrize("axcodes,rotation", [("RAS", (0, 0, 0)), ("LPS", (12, -5, 7)),
@@ -118,6 +119,24 @@ def test_shivai_conform_copies_a_scan_that_is_already_1mm():
     outside = np.ones(out.shape, bool)
     outside[108:148, 103:153, 113:143] = False
     assert np.all(np.asarray(out.dataobj)[outside] == data.min())
+
+
+def test_cubic_conform_along_parallel_axes_is_scipys_affine_transform():
+    """The one-axis-at-a-time path gives affine_transform's voxels, its edges included (a box
+    reaching past the input on every side, flipped and permuted axes, thick and thin voxels)."""
+    from scipy import ndimage
+
+    data = np.random.default_rng(2).uniform(0, 500, (23, 31, 9)).astype(np.float32)
+    rotation = np.array([[0.0, -0.5, 0.0], [0.0, 0.0, 0.5], [0.5, 0.0, 0.0]])
+    offset, out_shape = np.array([30.7, -3.3, -2.6]), (30, 70, 80)
+    axes = _input_axes(rotation, data.shape)
+    assert axes == [2, 0, 1]
+    expected = ndimage.affine_transform(data, rotation, offset, out_shape, order=3,
+                                        mode="constant", cval=0.0)
+    separable = _cubic_along_axes(data, rotation, offset, out_shape, axes)
+    assert separable.dtype == np.float32 and np.count_nonzero(expected) > 1000
+    np.testing.assert_allclose(separable, expected, rtol=1e-6, atol=1e-9)
+    assert _input_axes(rotation + 1e-3 * np.eye(3), data.shape) is None  # axes not parallel
 
 
 def test_shivai_affine_check_straightens_a_slightly_skewed_affine_and_refuses_a_sheared_one():
