@@ -45,6 +45,8 @@ MASK_MIN_PART_MM3 = 100.0
 MASK_PART_REACH_VOXELS = 5
 # Quickshear's distance, in voxels, between its shearing plane and the brain (SHiVAi's default).
 DEFACE_BUFFER = 10
+# Resampling terms this small against the largest are rounding of a grid-parallel affine.
+PARALLEL_AXES_TOLERANCE = 1e-9
 
 
 def as_stored(img: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -121,9 +123,14 @@ def _nibabel_conform(img: nib.Nifti1Image, order: int) -> tuple[np.ndarray, np.n
 
 def _input_axes(rotation: np.ndarray, in_shape) -> list[int] | None:
     """For each output axis, the one input axis it moves along, when the grids' axes are
-    parallel (no output axis mixes input axes: exact zeros elsewhere) and every input axis is
-    long enough for _cubic_along_axes' boundary rule; else None."""
-    nonzero = rotation != 0
+    parallel (no output axis mixes input axes) and every input axis is long enough for
+    _cubic_along_axes' boundary rule; else None.
+
+    SHiVAi's grid keeps an oblique scan's rotation, so its axes are the scan's up to the
+    affine's rounding (terms of 1e-17 here): those terms move a coordinate by 1e-14 voxel at
+    most, which changes nothing but, in theory, whether a voxel exactly on the field of view's
+    outermost face is read."""
+    nonzero = np.abs(rotation) > PARALLEL_AXES_TOLERANCE * np.abs(rotation).max()
     if not (np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1)) \
             or min(in_shape) < 4:
         return None
@@ -135,8 +142,8 @@ def _cubic_along_axes(data, rotation, offset, out_shape, axis_of) -> np.ndarray:
     cval=0) for grids with parallel axes, one axis at a time: 4 spline taps per voxel and axis,
     as a sparse matrix product, instead of 4³ per voxel (several times faster). The same B-spline
     coefficients, weights and boundary rule (mirrored coefficients; coordinates outside
-    [0, n - 1] give 0); only the order of float64 additions differs, so values agree to a
-    float32 rounding step."""
+    [0, n - 1] give 0); only the order of float64 additions differs (and _input_axes' rounding
+    terms), so values agree to a float32 rounding step."""
     values = ndimage.spline_filter(data, order=3, output=np.float64, mode="constant")
     # Axes that shrink the most go first, so that later passes work on fewer voxels.
     for out_axis in sorted(range(3), key=lambda a: out_shape[a] / data.shape[axis_of[a]]):

@@ -137,6 +137,8 @@ def test_cubic_conform_along_parallel_axes_is_scipys_affine_transform():
     assert separable.dtype == np.float32 and np.count_nonzero(expected) > 1000
     np.testing.assert_allclose(separable, expected, rtol=1e-6, atol=1e-9)
     assert _input_axes(rotation + 1e-3 * np.eye(3), data.shape) is None  # axes not parallel
+    # An oblique scan's grid: parallel up to the affine's rounding.
+    assert _input_axes(rotation + 3e-17, data.shape) == axes
 
 
 def test_shivai_affine_check_straightens_a_slightly_skewed_affine_and_refuses_a_sheared_one():
