@@ -10,7 +10,8 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     SimpleInterface, TraitedSpec, isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import ImageError, bounding_box, largest_component, load_volume, read_mask
+from ..imageops import (ImageError, bounding_box, fill_holes, largest_component, load_volume,
+                        read_mask)
 from ..preprocessing import CONVENTIONS, MASK_THRESHOLD, clean_mask, mask_onto_grid
 from ..registration import mni152, warp_to_subject
 
@@ -80,7 +81,7 @@ def template_mask(image_file, transforms, within: np.ndarray) -> np.ndarray:
     # mask as the whole grid gives, in a fraction of the time.
     box = bounding_box(within, margin=TEMPLATE_MASK_DILATION_MM + 1)
     warped = warp_to_subject(mni152("brain_mask"), image_file, transforms, box=box)
-    template = ndimage.binary_fill_holes(np.asarray(warped.dataobj) >= 0.5)
+    template = fill_holes(np.asarray(warped.dataobj) >= 0.5)
     template = ndimage.binary_dilation(template, ndimage.generate_binary_structure(3, 1),
                                        iterations=TEMPLATE_MASK_DILATION_MM)
     mask = largest_component(template & within[box])

@@ -7,9 +7,8 @@ import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
-from scipy import ndimage
 
-from ..imageops import ImageError, largest_component, resample
+from ..imageops import ImageError, fill_holes, largest_component, resample
 from ..models import load_ensemble
 from ..preprocessing import CONVENTIONS, box_affine, crop_start, extract_box, normalize
 
@@ -73,8 +72,8 @@ class PredictBrainMask(SimpleInterface):
 
         start = crop_start(rough, dimensions, self.inputs.top_margin, self.inputs.convention)
         box = scaled(extract_box(data, start, dimensions), extract_box(rough, start, dimensions))
-        mask = ndimage.binary_fill_holes(on_image_grid(ensemble.predict(box)[0],
-                                                       box_affine(img.affine, start)))
+        mask = fill_holes(on_image_grid(ensemble.predict(box)[0],
+                                        box_affine(img.affine, start)))
 
         out_file = Path(runtime.cwd) / "brain_mask.nii.gz"
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), img.affine), out_file)
