@@ -6,6 +6,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from helpers import grid_affine, make_head, read_tsv, save
 
 from cmb_workflow import networks
@@ -13,7 +14,8 @@ from cmb_workflow.bids import ImageJob
 from cmb_workflow.cli import main
 from cmb_workflow.configs import ConfigError, load_config
 from cmb_workflow.imageops import ImageError, resample
-from cmb_workflow.interfaces.brainmask import BrainMask, mask_quality, supplied_mask
+from cmb_workflow.interfaces.brainmask import (DENT_CLOSING_MM, BrainMask, close_dents,
+                                               mask_quality, supplied_mask)
 from cmb_workflow.interfaces.conform import Conform
 from cmb_workflow.interfaces.template import RegisterTemplate
 from cmb_workflow.models import ModelError, read_descriptor
@@ -138,6 +140,22 @@ def test_bad_supplied_masks_are_refused_in_one_line_naming_the_file(phantom, tmp
         supplied_mask(path, nib.load(conformed), "shivai")
     message = str(error.value)
     assert match in message and str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("zooms", [(1.0, 1.0, 1.0), (0.5, 0.7, 2.0)])
+def test_closing_dents_is_itks_ball_closing_also_where_the_field_of_view_cuts(zooms):
+    # A dented ball whose top is cut off by the array's edge, with a hole and a cleft.
+    grid = np.indices((40, 44, 36)) - np.array([22, 22, 30])[:, None, None, None]
+    mask = (grid ** 2).sum(axis=0) <= 18 ** 2
+    mask[20:25, 20:25, 20:25] = False
+    mask[:, 21:23, :10] = False
+    mask[2:6, 2:6, 30:] = False
+    radius = [int(np.ceil(DENT_CLOSING_MM / zoom)) for zoom in zooms]
+    itk = sitk.BinaryMorphologicalClosing(sitk.GetImageFromArray(mask.astype(np.uint8)),
+                                          radius[::-1], sitk.sitkBall)
+    expected = sitk.GetArrayFromImage(itk).astype(bool)
+    assert (expected != mask).sum() > 100  # the closing has work to do
+    np.testing.assert_array_equal(close_dents(mask, zooms), expected)
 
 
 def test_mask_quality_is_brain_volume_and_surface_share_on_the_field_of_view_edge():
