@@ -19,7 +19,7 @@ import numpy as np
 from nibabel import processing
 from scipy import ndimage, sparse
 
-from .imageops import ImageError, conformed_grid, resample
+from .imageops import ImageError, bounding_box, conformed_grid, resample
 
 CONVENTIONS = ("shivai", "cmb-workflow-1")
 # What the model is fed, per convention: its input masked by the brain or not, and the floor
@@ -185,7 +185,10 @@ def clean_mask(values: np.ndarray, voxel_sizes) -> np.ndarray:
     parts, the parts of at most MASK_MIN_PART_MM3 are dropped unless they lie within
     MASK_PART_REACH_VOXELS (a box) of a larger part."""
     mask = values > MASK_THRESHOLD
-    parts, count = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
+    # Parts, sizes and reach all lie within the mask's box (the reach beyond it meets no mask):
+    # labelling the box alone gives the same result in a fraction of the 256^3 grid's time.
+    box = bounding_box(mask, 0)
+    parts, count = ndimage.label(mask[box], ndimage.generate_binary_structure(3, 3))
     if count <= 1:
         return mask
     sizes = np.bincount(parts.ravel())[1:]
@@ -194,7 +197,9 @@ def clean_mask(values: np.ndarray, voxel_sizes) -> np.ndarray:
         raise ImageError(f"no part of the brain mask is larger than {MASK_MIN_PART_MM3:g} mm³")
     reach = np.isin(parts, large).astype(np.uint8)
     reach = ndimage.maximum_filter(reach, size=2 * MASK_PART_REACH_VOXELS + 1, mode="constant")
-    return mask & (reach > 0)
+    cleaned = np.zeros_like(mask)
+    cleaned[box] = mask[box] & (reach > 0)
+    return cleaned
 
 
 def deface(img: nib.Nifti1Image, mask: np.ndarray) -> nib.Nifti1Image:
