@@ -11,7 +11,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
 from scipy import ndimage
 
 from ..imageops import (ImageError, bounding_box, fill_holes, largest_component, load_volume,
-                        read_mask)
+                        mask_to_sitk, read_mask)
 from ..preprocessing import CONVENTIONS, MASK_THRESHOLD, clean_mask, mask_onto_grid
 from ..registration import mni152, warp_to_subject
 
@@ -103,7 +103,7 @@ def close_dents(mask: np.ndarray, zooms) -> np.ndarray:
     spacing = [1.0 / (r + 0.5) for r in radius[::-1]]  # SimpleITK's axes are the array's reversed
 
     def within_ball_of(part: np.ndarray) -> np.ndarray:
-        image = sitk.GetImageFromArray(part.view(np.uint8))
+        image = mask_to_sitk(part)
         image.SetSpacing(spacing)
         distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False,
                                                 squaredDistance=True, useImageSpacing=True)
