@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import itertools
 import logging
 import multiprocessing
@@ -135,6 +136,17 @@ class WorkerLossTolerantMultiProcPlugin(MultiProcPlugin):
         self._started: dict[int, tuple] = {}  # taskid -> (node, updatehash, tries)
         self._lost: set[int] = set()
         self._lost_lock = threading.Lock()
+
+    def run(self, graph, config, updatehash=False):
+        # Nipype runs a full gc.collect() at every poll while a core is free: over the graph's
+        # many objects that kept a third of a core busy beside the prediction job. The objects
+        # alive now live as long as the run: keep them out of the collector's scans.
+        gc.collect()
+        gc.freeze()
+        try:
+            return super().run(graph, config, updatehash=updatehash)
+        finally:
+            gc.unfreeze()
 
     def _submit_job(self, node, updatehash=False):
         self._taskid += 1

@@ -298,6 +298,30 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_with_every_result(
     assert result_digests(out) == result_digests(multiproc_run)
 
 
+def _double(number):
+    return 2 * number
+
+
+def test_multiproc_leaves_the_garbage_collector_as_it_found_it(tmp_path):
+    import gc
+
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+
+    from cmb_workflow.execution import WorkerLossTolerantMultiProcPlugin
+
+    workflow = pe.Workflow("doubling", base_dir=str(tmp_path))
+    double = pe.Node(Function(["number"], ["doubled"], _double), name="double")
+    double.inputs.number = 21
+    workflow.add_nodes([double])
+    plugin_args = {"n_procs": 1, "mp_context": "forkserver"}
+    # The plugin keeps the graph's objects out of the collector's scans only while it runs.
+    finished = workflow.run(plugin=WorkerLossTolerantMultiProcPlugin(plugin_args=plugin_args),
+                            plugin_args=plugin_args)
+    assert gc.get_freeze_count() == 0
+    assert next(iter(finished.nodes())).result.outputs.doubled == 42
+
+
 @pytest.mark.slow
 def test_a_script_calling_main_unguarded_fails_each_image_instead_of_hanging(
         study, h5_models, tmp_path):
