@@ -189,18 +189,17 @@ def main():
         print(f"\ncritical path: preprocessing {preprocess:.1f} s + prediction {predict:.1f} s "
               f"+ post-processing {postprocess:.1f} s = {preprocess + predict + postprocess:.1f} "
               f"s of the run's {ours:.1f} s")
-        # What the phase boundaries (and anything else) leave idle: cores x wall - node time,
-        # a prediction job counting for every core (TensorFlow uses them all).
+        # What the phase boundaries (and anything else) leave idle: core-seconds in which no
+        # node ran, a prediction job counting for every core (TensorFlow uses them all; two
+        # jobs side by side share them).
         cores = len(os.sched_getaffinity(0))
-        busy = sum(wall * (cores if node == "predict" else 1)
-                   for images in times.values() for nodes in images.values()
-                   for node, (wall, _) in nodes.items())
+        idle = idle_core_seconds(spans, run_start, run_end, cores)
+        busy = cores * ours - sum(idle.values())
         print(f"nodes ran {busy:.1f} s of {cores} cores x {ours:.1f} s "
               f"({100 * busy / (cores * ours):.0f} %): {cores * ours - busy:.1f} core-s with no "
               "node running:")
-        for where, seconds in idle_core_seconds(spans, run_start, run_end, cores).items():
+        for where, seconds in idle.items():
             print(f"  {where}: {seconds:.1f} core-s")
-
 
 if __name__ == "__main__":
     main()
