@@ -201,5 +201,6 @@ def main():
         for where, seconds in idle.items():
             print(f"  {where}: {seconds:.1f} core-s")
 
+
 if __name__ == "__main__":
     main()

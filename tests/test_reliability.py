@@ -311,6 +311,7 @@ def test_multiproc_leaves_the_garbage_collector_as_it_found_it(tmp_path):
     from cmb_workflow.execution import WorkerLossTolerantMultiProcPlugin
 
     workflow = pe.Workflow("doubling", base_dir=str(tmp_path))
+    workflow.config["execution"]["crashdump_dir"] = str(tmp_path)  # not the current folder
     double = pe.Node(Function(["number"], ["doubled"], _double), name="double")
     double.inputs.number = 21
     workflow.add_nodes([double])
