@@ -2,6 +2,7 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -33,6 +34,31 @@ def test_min_peak_drops_faint_lesions_whole_and_keeps_the_others_as_they_were():
     # A lesion's peak equal to min_peak is kept.
     assert len(label_lesions(probability, np.eye(4), 0.5, 26, 1, min_peak=0.7)[1]) == 2
 
+
+
+def test_lesion_measures_are_those_of_the_whole_volume():
+    """label_lesions measures on the voxels above the threshold only; its centroids, means
+    and peaks are those scipy.ndimage gives over the whole volume."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    probability = ndimage.gaussian_filter(rng.random((40, 44, 36)), 1.5).astype(np.float32)
+    probability = (probability - probability.min()) / (probability.max() - probability.min())
+    affine = np.array([[0.9, 0, 0, -40], [0, 1.1, 0, 20], [0, 0, 1.3, 7.5], [0, 0, 0, 1]])
+    labels, rows = label_lesions(probability, affine, 0.7, 26, 2)
+
+    assert len(rows) > 10
+    index = [row["label"] for row in rows]
+    centres = ndimage.center_of_mass(labels > 0, labels, index)
+    world = [[round(float(v), 2) for v in point]
+             for point in nib.affines.apply_affine(affine, np.array(centres))]
+    assert [[row["x"], row["y"], row["z"]] for row in rows] == world
+    assert [row["mean_prob"] for row in rows] == [
+        round(float(v), 4) for v in ndimage.mean(probability, labels, index)]
+    assert [row["max_prob"] for row in rows] == [
+        round(float(v), 4) for v in ndimage.maximum(probability, labels, index)]
+    assert [row["volume_mm3"] for row in rows] == [
+        round(float(n) * 0.9 * 1.1 * 1.3, 2) for n in ndimage.sum_labels(labels > 0, labels, index)]
 
 def write_descriptor(folder, **fields):
     (folder / "m.h5").write_bytes(b"x")

@@ -55,14 +55,20 @@ def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
     of shrinking, as a higher `threshold` would make it. With a brain mask, a lesion more
     than MAX_OUTSIDE_FRACTION outside it is dropped."""
     structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
-    components, count = ndimage.label(probability > threshold, structure)
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    above = probability > threshold
+    components, count = ndimage.label(above, structure)
+    # Every measure below is taken on the voxels above the threshold only (a few thousand of
+    # the crop's six million), in the volume's order: the same sums as over the whole volume.
+    where = np.nonzero(above)
+    component = components[where]
+    values = probability[where]
+    sizes = np.bincount(component, minlength=count + 1)
     # In the map's own float32, so a peak written as min_peak counts as reaching it.
-    peaks = np.asarray(ndimage.maximum(probability, components, np.arange(1, count + 1)),
+    peaks = np.asarray(ndimage.maximum(values, component, np.arange(1, count + 1)),
                        dtype=probability.dtype).reshape(-1)
     keep = (sizes[1:] >= min_size) & (peaks >= min_peak)
     if brain is not None:
-        outside = np.bincount(components[~brain], minlength=count + 1)[1:]
+        outside = np.bincount(component[~brain[where]], minlength=count + 1)[1:]
         keep &= outside <= MAX_OUTSIDE_FRACTION * sizes[1:]
     kept = np.nonzero(keep)[0] + 1
     kept = kept[np.lexsort((kept, -sizes[kept]))]
@@ -72,10 +78,13 @@ def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
     if not len(kept):
         return labels, []
     voxel_volume = float(abs(np.linalg.det(affine[:3, :3])))
-    centres = np.array(ndimage.center_of_mass(probability > threshold, components, kept))
+
+    def mean_per_lesion(weights):
+        return np.bincount(component, weights=weights, minlength=count + 1)[kept] / sizes[kept]
+    centres = np.column_stack([mean_per_lesion(index.astype(float)) for index in where])
     world = nib.affines.apply_affine(affine, centres)
     maxima = peaks[kept - 1]
-    means = ndimage.mean(probability, components, kept)
+    means = mean_per_lesion(values)
     rows = [{"label": new_label, "x": round(float(x), 2), "y": round(float(y), 2),
              "z": round(float(z), 2), "volume_mm3": round(float(sizes[old] * voxel_volume), 2),
              "max_prob": round(float(peak), 4), "mean_prob": round(float(mean), 4),
