@@ -40,6 +40,17 @@ def test_crop_is_centred_on_the_mask_and_moved_up_for_necks():
     assert crop_start(small, (160, 214, 176), 5, "cmb-workflow-1")[2] == 100 - 88
 
 
+def test_crop_centre_is_scipys_centre_of_mass_rounded_up():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    for shape in [(61, 70, 53), (80, 64, 90)]:
+        mask = ndimage.gaussian_filter(rng.random(shape), 3) > 0.5
+        expected = np.ceil(ndimage.center_of_mass(mask)).astype(int) - np.array([40, 30, 20])
+        start = crop_start(mask, (80, 60, 40), 0, "shivai")
+        np.testing.assert_array_equal(start[:2], expected[:2])
+
+
 def test_box_leaving_the_image_is_filled_with_zeros():
     data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6) + 1
     box = extract_box(data, np.array([-2, 1, 3]), (8, 3, 5))
