@@ -36,6 +36,11 @@ def test_min_peak_drops_faint_lesions_whole_and_keeps_the_others_as_they_were():
 
 
 
+def test_a_map_with_nothing_above_the_threshold_has_no_lesion():
+    labels, rows = label_lesions(np.full((6, 7, 8), 0.5, np.float32), np.eye(4), 0.5, 26, 1)
+    assert rows == [] and labels.dtype == np.int32 and not labels.any()
+
+
 def test_lesion_measures_are_those_of_the_whole_volume():
     """label_lesions measures on the voxels above the threshold only; its centroids, means
     and peaks are those scipy.ndimage gives over the whole volume."""

@@ -57,6 +57,8 @@ def label_lesions(probability: np.ndarray, affine: np.ndarray, threshold: float,
     structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
     above = probability > threshold
     components, count = ndimage.label(above, structure)
+    if not count:
+        return components.astype(np.int32), []
     # Every measure below is taken on the voxels above the threshold only (a few thousand of
     # the crop's six million), in the volume's order: the same sums as over the whole volume.
     where = np.nonzero(above)
