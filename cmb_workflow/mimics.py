@@ -113,7 +113,8 @@ def _features(image, detection, brain, spacing, tissue_median) -> dict:
     # Against the brain's typical tissue where the surroundings are darker than that, so a spot
     # in a dark nucleus belongs to the whole nucleus.
     reference = max(surroundings, tissue_median)
-    dark = _dark_structure(image, detection, darkest + HALF_DEPTH * (reference - darkest)) \
+    dark = _dark_structure(image, detection, brain,
+                           darkest + HALF_DEPTH * (reference - darkest)) \
         if reference > darkest else detection
     lesion = _own_blob(dark, detection, spacing)
     if lesion is None:
@@ -203,9 +204,12 @@ def _own_blob(dark, detection, spacing):
     return blob if compact and 2 * grown[detection].sum() >= detection.sum() else None
 
 
-def _dark_structure(image, lesion, level):
-    """The voxels darker than `level` connected to the lesion (the lesion included)."""
-    components, _ = ndimage.label((image < level) | lesion, np.ones((3, 3, 3), bool))
+def _dark_structure(image, lesion, brain, level):
+    """The brain voxels darker than `level` connected to the lesion (the lesion included).
+
+    Only the brain's: beyond the mask lie zeros (a masked model input) or dark skull, which
+    would join a bleed under the cortex to a region larger than any nucleus."""
+    components, _ = ndimage.label((image < level) & brain | lesion, np.ones((3, 3, 3), bool))
     return np.isin(components, np.unique(components[lesion]))
 
 

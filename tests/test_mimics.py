@@ -145,3 +145,17 @@ def test_a_bleed_against_a_vein_is_judged_on_its_own_blob():
         assert row["tube_continues"] == "no" and row["elongation"] < 2
         assert row["dark_volume_mm3"] < 250 and row["one_sided"] < 0.3
         assert row["likely_mimic"] == "no"
+
+
+def test_a_bleed_under_the_brains_edge_is_not_joined_to_what_lies_beyond_it():
+    """Beyond the brain mask a masked model input is 0 (and skull is dark): a bleed touching
+    the mask's edge is judged as a bleed, not as part of a region larger than any nucleus."""
+    image, brain = scene()
+    grid = np.indices(SHAPE)
+    brain = grid[0] < 36
+    image[~brain] = 0.0  # the masked-out outside, as the demo model's input has it
+    radius = distance_from([32, 32, 32])
+    image[(radius <= 3.5) & brain] = 0.1  # a 7 mm bleed cut by the edge
+    row = score_of(image, (radius <= 3.0) & brain, brain)
+    assert row["dark_volume_mm3"] < 250
+    assert row["likely_mimic"] == "no"
