@@ -209,7 +209,7 @@ def _dark_structure(image, lesion, brain, level):
 
     Only the brain's: beyond the mask lie zeros (a masked model input) or dark skull, which
     would join a bleed under the cortex to a region larger than any nucleus."""
-    components, _ = ndimage.label((image < level) & brain | lesion, np.ones((3, 3, 3), bool))
+    components, _ = ndimage.label(((image < level) & brain) | lesion, np.ones((3, 3, 3), bool))
     return np.isin(components, np.unique(components[lesion]))
 
 

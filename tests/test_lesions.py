@@ -35,7 +35,6 @@ def test_min_peak_drops_faint_lesions_whole_and_keeps_the_others_as_they_were():
     assert len(label_lesions(probability, np.eye(4), 0.5, 26, 1, min_peak=0.7)[1]) == 2
 
 
-
 def test_a_map_with_nothing_above_the_threshold_has_no_lesion():
     labels, rows = label_lesions(np.full((6, 7, 8), 0.5, np.float32), np.eye(4), 0.5, 26, 1)
     assert rows == [] and labels.dtype == np.int32 and not labels.any()
@@ -64,6 +63,7 @@ def test_lesion_measures_are_those_of_the_whole_volume():
         round(float(v), 4) for v in ndimage.maximum(probability, labels, index)]
     assert [row["volume_mm3"] for row in rows] == [
         round(float(n) * 0.9 * 1.1 * 1.3, 2) for n in ndimage.sum_labels(labels > 0, labels, index)]
+
 
 def write_descriptor(folder, **fields):
     (folder / "m.h5").write_bytes(b"x")
