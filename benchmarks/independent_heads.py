@@ -28,6 +28,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from cmb_workflow.imageops import write_text_atomic
+from cmb_workflow.registration import mni152
+
 # (voxel size mm, axis signs): thick slices, and orientations other than RAS.
 GRIDS = [((0.5, 0.5, 2.0), (-1, 1, 1)), ((0.9, 0.9, 0.9), (1, 1, 1)),
          ((0.6, 0.6, 1.5), (-1, -1, 1)), ((1.0, 1.0, 2.5), (1, -1, 1)),
@@ -43,14 +46,12 @@ LOOKS = {"a": {"csf": (1.5, 2.2), "noise": (0.03, 0.06), "noise_mm": 0.0},
 
 
 def template_maps():
-    from nilearn import datasets
-
-    t1 = datasets.load_mni152_template(resolution=1)
-    grey = datasets.load_mni152_gm_template(resolution=1).get_fdata()
-    white = datasets.load_mni152_wm_template(resolution=1).get_fdata()
-    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata() > 0.5
+    """The MNI152 maps, as the template registration loads them (nilearn's, bundled)."""
+    t1 = mni152("t1")
+    grey, white = (np.asarray(mni152(kind).dataobj) for kind in ("gm", "wm"))
+    brain = np.asarray(mni152("brain_mask").dataobj) > 0.5
     csf = np.clip(1.0 - grey - white, 0, 1) * brain
-    scalp = np.clip(t1.get_fdata() / t1.get_fdata().max(), 0, 1)
+    scalp = np.clip(np.asarray(t1.dataobj) / np.asarray(t1.dataobj).max(), 0, 1)
     return t1.affine, grey, white, csf, brain, scalp
 
 
@@ -154,7 +155,7 @@ def make_head(rng, maps, grid, look):
 
 def write_json(data, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+    write_text_atomic(json.dumps(data, indent=1), path)
 
 
 def main():
