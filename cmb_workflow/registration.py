@@ -102,7 +102,7 @@ def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
     mask = ndimage.binary_dilation(mask, ball, iterations=4, mask=foreground)
     mask = ndimage.binary_closing(mask, ball, iterations=3)
     mask_in_box = fill_holes(mask)[(slice(FOV_PAD, -FOV_PAD),) * 3]
-    mask = np.zeros(img.shape[:3], dtype=bool)
+    mask = np.zeros(img.shape[:3], dtype=bool, order="F")  # as nibabel writes it
     mask[box] = mask_in_box
     if mask.sum() * np.prod(nib.affines.voxel_sizes(img.affine)) / 1000.0 < MIN_BRAIN_ML:
         raise ImageError(f"no head found to start the template registration from (its largest "

@@ -87,7 +87,7 @@ def template_mask(image_file, transforms, within: np.ndarray) -> np.ndarray:
     mask = largest_component(template & within[box])
     if not mask.any():
         raise ImageError(f"{image_file}: the registered template brain lies outside the image")
-    full = np.zeros(within.shape, dtype=bool)
+    full = np.zeros(within.shape, dtype=bool, order="F")  # as nibabel writes it
     full[box] = close_dents(mask, nib.affines.voxel_sizes(warped.affine)) & template
     return full
 
