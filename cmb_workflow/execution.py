@@ -31,8 +31,10 @@ STILL_RUNNING_SECONDS = 30
 MULTIPROC_POLL_SECONDS = 0.1
 # Modules the MultiProc forkserver imports once, so that its workers (a new set for each graph
 # of a run) start with them: worker_logging first (see there). Not TensorFlow (fork after it
-# deadlocks) nor ANTsPy (ITK must read its thread count inside registration._ants).
-WORKER_PRELOAD = ["cmb_workflow.worker_logging", "cmb_workflow.workflow.base", "nilearn.datasets"]
+# deadlocks). ANTsPy's import starts no thread and leaves ITK's thread count unread (ITK reads
+# it at the first registration, inside registration._ants): 0.3-0.9 s less in each worker.
+WORKER_PRELOAD = ["cmb_workflow.worker_logging", "cmb_workflow.workflow.base", "nilearn.datasets",
+                  "ants"]
 # A step whose worker process died is started this many times in all before it fails: a dead
 # worker breaks the whole pool, so the steps running beside it die too through no fault of theirs.
 WORKER_LOSS_TRIES = 2

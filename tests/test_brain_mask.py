@@ -2,6 +2,9 @@
 brain-mask model; the mask's quality in the summary."""
 
 import json
+import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +60,33 @@ def test_registered_template_mask_matches_the_phantom_brain(phantom, tmp_path):
     mask = brain_mask(tmp_path / "mask", in_file=conformed, method="template",
                       template_transforms=transforms, intensity_mask=registration.intensity_mask)
     assert native_dice(mask, truth) > 0.95
+
+
+def test_registration_is_repeatable_in_a_worker_that_imported_antspy_beforehand(phantom,
+                                                                                 tmp_path):
+    """MultiProc's workers come from a forkserver that imported ANTsPy (WORKER_PRELOAD) with
+    ITK's thread count unset: ITK must still read it inside the registration, where it is 1.
+    With two threads, three registrations of one image gave three different transforms."""
+    script = f"""
+import importlib, nibabel as nib, SimpleITK as sitk
+from cmb_workflow.execution import WORKER_PRELOAD
+for module in WORKER_PRELOAD:
+    importlib.import_module(module)
+from cmb_workflow.registration import intensity_brain_mask, register_template
+img = nib.load({str(phantom[1])!r})
+rough = intensity_brain_mask(img)
+for run in range(3):
+    folder = {str(tmp_path)!r} + f"/run{{run}}"
+    __import__("os").mkdir(folder)
+    print(sitk.ReadTransform(register_template(img, rough, folder)[0]).GetParameters())
+"""
+    environment = {key: value for key, value in os.environ.items()
+                   if key != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
+    environment.pop("CMB_WORKFLOW_RUN_LOG", None)
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True,
+                          text=True, check=True)
+    transforms = done.stdout.splitlines()
+    assert len(transforms) == 3 and len(set(transforms)) == 1
 
 
 @pytest.mark.parametrize("convention, kept", [("cmb-workflow-1", 1.0), ("shivai", 0.95)])
