@@ -12,7 +12,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 from scipy import ndimage
 
-from ..imageops import bounding_box, read_mask, resample
+from ..imageops import bounding_box, centre_of_mass, read_mask, resample
 from ..mars import MNI_COLUMNS, mars_counts
 from ..mimics import LIKELY_MIMIC_MIN_SCORE
 from ..rendering import cmb_count_band, figure_uri, model_summary, plt, render, software_versions
@@ -99,7 +99,7 @@ def orientation_note(orientation: str) -> str:
 
 def _overview_figure(data, mask, box, window, orientation):
     """Three planes through the brain's centre: mask outline (cyan), crop box (yellow)."""
-    centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int) if mask.any() \
+    centre = np.round(centre_of_mass(mask)).astype(int) if mask.any() \
         else np.array(data.shape) // 2
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), dpi=90)
     for index, (ax, name, image, outline, (h, v)) in enumerate(zip(
@@ -320,8 +320,9 @@ class SubjectReport(SimpleInterface):
             if isdefined(self.inputs.dropped_table) else []
         orientation = self.inputs.orientation
         window = _window(data, mask)
+        # On the conformed grid for the thumbnails only: a scan without lesions skips it.
         labels = np.asarray(resample(nib.load(self.inputs.labels), data.shape, conformed.affine,
-                                     "nearest").dataobj).astype(np.int32)
+                                     "nearest").dataobj).astype(np.int32) if rows else None
         inverse = np.linalg.inv(conformed.affine)
         thumbnails = []
         for row in rows[:MAX_THUMBNAILS]:
