@@ -68,7 +68,7 @@ def test_registration_is_repeatable_in_a_worker_that_imported_antspy_beforehand(
     ITK's thread count unset: ITK must still read it inside the registration, where it is 1.
     With two threads, three registrations of one image gave three different transforms."""
     script = f"""
-import importlib, nibabel as nib, SimpleITK as sitk
+import importlib, os, nibabel as nib, SimpleITK as sitk
 from cmb_workflow.execution import WORKER_PRELOAD
 for module in WORKER_PRELOAD:
     importlib.import_module(module)
@@ -76,13 +76,12 @@ from cmb_workflow.registration import intensity_brain_mask, register_template
 img = nib.load({str(phantom[1])!r})
 rough = intensity_brain_mask(img)
 for run in range(3):
-    folder = {str(tmp_path)!r} + f"/run{{run}}"
-    __import__("os").mkdir(folder)
+    folder = os.path.join({str(tmp_path)!r}, f"run{{run}}")
+    os.mkdir(folder)
     print(sitk.ReadTransform(register_template(img, rough, folder)[0]).GetParameters())
 """
     environment = {key: value for key, value in os.environ.items()
-                   if key != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
-    environment.pop("CMB_WORKFLOW_RUN_LOG", None)
+                   if key not in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "CMB_WORKFLOW_RUN_LOG")}
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True,
                           text=True, check=True)
     transforms = done.stdout.splitlines()
