@@ -110,6 +110,16 @@ def test_summary_and_dataset_description(h5_run):
     assert not list(out.rglob(".*.nii.gz*")), "temporary files left behind"
 
 
+def test_workers_write_their_lines_to_the_run_log(h5_run):
+    """MultiProc's workers (forked from a forkserver, worker_logging) write Nipype's lines of
+    every step to the run's log, both graphs' steps."""
+    _, out, _ = h5_run
+    lines = [line for run_log in (out / "logs").glob("cmb-workflow_*.log")
+             for line in run_log.read_text().splitlines()]
+    for step in ("conform", "predict", "report"):
+        assert any("[Node] Setting-up" in line and f".{step}\"" in line for line in lines), step
+
+
 def test_lesion_regions_qc_and_summary_columns(h5_run):
     _, out, _ = h5_run
     rows = read_tsv(out / "sub-01/anat/sub-01_desc-cmb_lesions.tsv")
