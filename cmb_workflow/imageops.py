@@ -194,6 +194,12 @@ def mask_to_sitk(mask: np.ndarray) -> sitk.Image:
     return sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8))
 
 
+def nifti_zeros(shape, dtype) -> np.ndarray:
+    """Zeros in NIfTI's own axis order (Fortran), for a volume that will be saved: nibabel
+    writes a C-ordered array through a transposed copy, about 0.1 s per 256^3 grid."""
+    return np.zeros(tuple(shape), dtype=dtype, order="F")
+
+
 def centre_of_mass(mask: np.ndarray) -> np.ndarray:
     """A non-empty 3D mask's centre of mass in voxel coordinates: ndimage.center_of_mass's
     sums, from the mask's projections on each axis (whole numbers, so exactly the same) instead

@@ -19,7 +19,8 @@ import numpy as np
 from nibabel import processing
 from scipy import ndimage, sparse
 
-from .imageops import ImageError, bounding_box, centre_of_mass, conformed_grid, resample
+from .imageops import (ImageError, bounding_box, centre_of_mass, conformed_grid, nifti_zeros,
+                       resample)
 
 CONVENTIONS = ("shivai", "cmb-workflow-1")
 # What the model is fed, per convention: its input masked by the brain or not, and the floor
@@ -111,8 +112,7 @@ def _nibabel_conform(img: nib.Nifti1Image, order: int) -> tuple[np.ndarray, np.n
     reached = np.linalg.inv(rotation) @ (corners - translation[:, None])
     start = np.clip(np.floor(reached.min(axis=1)).astype(int) - 1, 0, SHIVAI_GRID_SHAPE)
     stop = np.clip(np.ceil(reached.max(axis=1)).astype(int) + 2, 0, SHIVAI_GRID_SHAPE)
-    # In NIfTI's axis order (Fortran), which nibabel writes without a transposed copy.
-    out = np.zeros(SHIVAI_GRID_SHAPE, data.dtype, order="F")
+    out = nifti_zeros(SHIVAI_GRID_SHAPE, data.dtype)
     if np.all(stop > start):
         offset, box_shape = translation + rotation @ start, tuple(stop - start)
         axis_of = _input_axes(rotation, data.shape) if order == 3 else None
@@ -238,7 +238,7 @@ def crop_start(mask: np.ndarray, dimensions, top_margin: int, convention: str) -
 
 def extract_box(data: np.ndarray, start, dimensions) -> np.ndarray:
     """data[start:start+dimensions] with zeros where the box leaves the array."""
-    out = np.zeros(tuple(dimensions), dtype=data.dtype, order="F")  # as nibabel writes it
+    out = nifti_zeros(dimensions, data.dtype)
     source, target = [], []
     for begin, size, length in zip(start, dimensions, data.shape):
         lo, hi = max(begin, 0), min(begin + size, length)

@@ -25,8 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .imageops import (ImageError, bounding_box, fill_holes, largest_component, sitk_geometry,
-                       to_sitk)
+from .imageops import (ImageError, bounding_box, fill_holes, largest_component, nifti_zeros,
+                       sitk_geometry, to_sitk)
 from .preprocessing import box_affine
 
 # Below this volume an intensity mask cannot be a brain (the smallest adult brains are ~900 mL).
@@ -102,7 +102,7 @@ def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
     mask = ndimage.binary_dilation(mask, ball, iterations=4, mask=foreground)
     mask = ndimage.binary_closing(mask, ball, iterations=3)
     mask_in_box = fill_holes(mask)[(slice(FOV_PAD, -FOV_PAD),) * 3]
-    mask = np.zeros(img.shape[:3], dtype=bool, order="F")  # as nibabel writes it
+    mask = nifti_zeros(img.shape[:3], bool)
     mask[box] = mask_in_box
     if mask.sum() * np.prod(nib.affines.voxel_sizes(img.affine)) / 1000.0 < MIN_BRAIN_ML:
         raise ImageError(f"no head found to start the template registration from (its largest "

@@ -57,6 +57,7 @@ def test_box_leaving_the_image_is_filled_with_zeros():
     assert box.shape == (8, 3, 5)
     assert np.all(box[:2] == 0) and np.all(box[6:] == 0) and np.all(box[:, :, 3:] == 0)
     np.testing.assert_array_equal(box[2:6, :, :3], data[:, 1:4, 3:6])
+    assert box.flags.f_contiguous  # NIfTI's order: saved without a transposed copy
 
 
 def test_normalisation_conventions():
@@ -130,6 +131,7 @@ def test_shivai_conform_copies_a_scan_that_is_already_1mm():
     outside = np.ones(out.shape, bool)
     outside[108:148, 103:153, 113:143] = False
     assert np.all(np.asarray(out.dataobj)[outside] == data.min())
+    assert np.asarray(out.dataobj).flags.f_contiguous  # NIfTI's order: saved without a copy
 
 
 def test_cubic_conform_along_parallel_axes_is_scipys_affine_transform():

@@ -11,7 +11,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
 from scipy import ndimage
 
 from ..imageops import (ImageError, bounding_box, fill_holes, largest_component, load_volume,
-                        mask_to_sitk, read_mask)
+                        mask_to_sitk, nifti_zeros, read_mask)
 from ..preprocessing import CONVENTIONS, MASK_THRESHOLD, clean_mask, mask_onto_grid
 from ..registration import mni152, warp_to_subject
 
@@ -87,7 +87,7 @@ def template_mask(image_file, transforms, within: np.ndarray) -> np.ndarray:
     mask = largest_component(template & within[box])
     if not mask.any():
         raise ImageError(f"{image_file}: the registered template brain lies outside the image")
-    full = np.zeros(within.shape, dtype=bool, order="F")  # as nibabel writes it
+    full = nifti_zeros(within.shape, bool)
     full[box] = close_dents(mask, nib.affines.voxel_sizes(warped.affine)) & template
     return full
 
