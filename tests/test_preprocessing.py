@@ -1,8 +1,10 @@
-"""Conform, crop and normalise: geometry and intensity conventions of the SHIVA models."""
+"""Conform, crop and normalise: geometry and intensity conventions of the SHIVA models; the
+threshold of the intensity mask that starts the template registration."""
 
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from helpers import grid_affine, make_head
 
 from cmb_workflow.imageops import ImageError, conformed_grid, load_volume, resample
@@ -10,6 +12,7 @@ from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.preprocessing import (_cubic_along_axes, _input_axes, clean_mask, conform,
                                         correct_affine, crop_start, deface, extract_box,
                                         mask_onto_grid, normalize)
+from cmb_workflow.registration import otsu_threshold
 
 
 @pytest.mark.parametrize("axcodes,rotation", [("RAS", (0, 0, 0)), ("LPS", (12, -5, 7)),
@@ -256,3 +259,17 @@ def test_a_lesion_mostly_outside_the_brain_is_dropped():
     brain[4, 9, 9] = True
     _labels, rows = label_lesions(probability, np.eye(4), 0.5, 26, 1, 0.0, brain)
     assert [row["y"] for row in rows] == [9.0]
+
+
+@pytest.mark.parametrize("extra_zeros", [0, 3_000_000])
+def test_otsu_threshold_is_itks_with_the_grids_zeros_counted(extra_zeros):
+    # Dark and bright tissue, noisy; the zeros stand for a grid's air beyond the field of view.
+    rng = np.random.default_rng(7)
+    values = np.concatenate([rng.normal(200, 40, 400_000), rng.normal(600, 60, 600_000)])
+    values = values.astype(np.float32)
+    whole = np.concatenate([values, np.zeros(extra_zeros, np.float32)])
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(sitk.GetImageFromArray(whole.reshape(1, 1, -1)))
+    threshold = otsu_threshold(values, extra_zeros=extra_zeros)
+    assert threshold == otsu.GetThreshold()
+    assert 250 < threshold < 550
