@@ -125,6 +125,8 @@ def otsu_threshold(values: np.ndarray, extra_zeros: int = 0) -> float:
     low, high = values.min(), values.max()
     if extra_zeros:
         low, high = min(low, np.float32(0)), max(high, np.float32(0))
+    if low == high:  # one value: nothing lies above it
+        return float(low)
     # ITK's histogram widens the top by a hundredth of a bin, so that the highest value has one.
     high = np.float32(high + (high - low) / bin_count / np.float32(100))
     width = np.float32((high - low) / bin_count)

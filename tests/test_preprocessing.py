@@ -12,7 +12,7 @@ from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.preprocessing import (_cubic_along_axes, _input_axes, clean_mask, conform,
                                         correct_affine, crop_start, deface, extract_box,
                                         mask_onto_grid, normalize)
-from cmb_workflow.registration import otsu_threshold
+from cmb_workflow.registration import intensity_brain_mask, otsu_threshold
 
 
 @pytest.mark.parametrize("axcodes,rotation", [("RAS", (0, 0, 0)), ("LPS", (12, -5, 7)),
@@ -273,3 +273,11 @@ def test_otsu_threshold_is_itks_with_the_grids_zeros_counted(extra_zeros):
     threshold = otsu_threshold(values, extra_zeros=extra_zeros)
     assert threshold == otsu.GetThreshold()
     assert 250 < threshold < 550
+
+
+@pytest.mark.parametrize("value", [0.0, 5.0])
+def test_an_image_of_one_value_has_no_head_to_register(value):
+    img = nib.Nifti1Image(np.full((40, 40, 40), value, np.float32), np.eye(4))
+    assert otsu_threshold(np.asarray(img.dataobj)) == value
+    with pytest.raises(ImageError, match="no head found"):
+        intensity_brain_mask(img)
