@@ -83,8 +83,9 @@ def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
     # it is the whole grid's threshold.
     fov = bounding_box(data != 0, FOV_PAD)
     # scipy's Gaussian in float32: a quarter of the time of SimpleITK's recursive one (in
-    # double) on one core, and masks as good (docs/performance.md). It runs on the box in its
-    # memory's order (NIfTI's: the array's axes reversed), contiguous, as it was measured.
+    # double) on one core, and masks as good (docs/performance.md). It runs along the axes in
+    # NIfTI's memory order (the array's reversed), on a contiguous copy: the order that was
+    # measured, since another one rounds differently.
     smoothed = ndimage.gaussian_filter(
         np.ascontiguousarray(data[fov].T),
         SMOOTHING_MM / nib.affines.voxel_sizes(img.affine)[::-1], mode="nearest")
