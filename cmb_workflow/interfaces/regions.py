@@ -40,20 +40,21 @@ class LesionRegions(SimpleInterface):
 
     def _run_interface(self, runtime):
         rows = json.loads(Path(self.inputs.lesion_table).read_text())
-        labels_img = nib.load(self.inputs.labels)
-        labels = np.asarray(labels_img.dataobj)
         transforms = list(self.inputs.template_transforms)
         quality = {"registration_error": self.inputs.registration_error or "",
                    "template_brain_dice": None}
         if transforms:
-            atlas = np.asarray(warp_to_subject(mars_atlas(), self.inputs.labels, transforms,
-                                               "nearestNeighbor").dataobj).astype(np.uint8)
             template = np.asarray(warp_to_subject(mni152("brain_mask"), self.inputs.labels,
                                                   transforms).dataobj) >= 0.5
             mask = read_mask(self.inputs.brain_mask)
             overlap = 2.0 * np.count_nonzero(template & mask)
             total = np.count_nonzero(template) + np.count_nonzero(mask)
             quality["template_brain_dice"] = round(overlap / total, 4) if total else 0.0
+        if transforms and rows:  # the atlas only for lesions: most scans have none
+            atlas = np.asarray(warp_to_subject(mars_atlas(), self.inputs.labels, transforms,
+                                               "nearestNeighbor").dataobj).astype(np.uint8)
+            labels_img = nib.load(self.inputs.labels)
+            labels = np.asarray(labels_img.dataobj)
             inverse = np.linalg.inv(labels_img.affine)
             centroids = {}
             for row in rows:
