@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -73,6 +74,10 @@ class Execution:
                 self.args["dont_resubmit_completed_jobs"] = True
         if self.plugin != "SLURMGraph":  # Nipype's graph plugins take no status callback
             self.args["status_callback"] = Progress(labels)
+        # MultiProc's plugin for the prediction graph and the job loading the models in its
+        # worker, when prepare_prediction started them.
+        self._prediction_plugin = None
+        self._preloading = None
 
     def start_workers(self) -> None:
         """Start MultiProc's forkserver now, once the run log is named (configure_nipype: the
@@ -92,6 +97,27 @@ class Execution:
         forkserver.ensure_running()
         _FORKSERVER_RUN_LOG = run_log
 
+    def prepare_prediction(self, models: str, allow_unverified: bool) -> None:
+        """MultiProc: start the prediction graph's first worker now, importing TensorFlow and
+        loading the models (seconds, on one core) while the images are preprocessed. Started
+        when the graph runs, the one prediction job of a small study spent those seconds on one
+        core while the other had nothing to do. Call release_prediction when the run ends."""
+        if self.plugin != "MultiProc":
+            return
+        from .models import preload_ensemble
+
+        self._prediction_plugin = WorkerLossTolerantMultiProcPlugin(plugin_args=self.args)
+        # The pool's first job starts its first worker. A job sent once it has ended goes to
+        # that idle worker; sent earlier, it would start a new worker, which loads all again.
+        self._preloading = self._prediction_plugin.pool.submit(preload_ensemble, models,
+                                                               allow_unverified)
+
+    def release_prediction(self) -> None:
+        """End the worker prepare_prediction started if the prediction graph did not run."""
+        if self._prediction_plugin is not None:
+            self._prediction_plugin.pool.shutdown()
+            self._prediction_plugin = None
+
     @property
     def predict_plugin_args(self) -> dict | None:
         """Per-node arguments of the prediction jobs (GPU, memory), replacing the common ones."""
@@ -99,9 +125,10 @@ class Execution:
             return None
         return {"sbatch_args": self.sbatch.predict, "overwrite": True}
 
-    def run(self, workflow, phase: tuple | None = None) -> None:
+    def run(self, workflow, phase: tuple | None = None, *, prediction: bool = False) -> None:
         """phase: its name, the last step of each image and the images' node names, for the
-        progress lines."""
+        progress lines; prediction: the prediction graph, whose worker may be started
+        (prepare_prediction)."""
         progress = self.args.get("status_callback")
         if phase and progress:
             progress.start_phase(*phase)
@@ -109,8 +136,14 @@ class Execution:
             self.job_log_dir.mkdir(parents=True, exist_ok=True)
         if self.plugin == "MultiProc":
             workflow.config["execution"]["poll_sleep_duration"] = MULTIPROC_POLL_SECONDS
-        plugin = WorkerLossTolerantMultiProcPlugin(plugin_args=self.args) \
-            if self.plugin == "MultiProc" else self.plugin
+        plugin = self.plugin
+        if self.plugin == "MultiProc":
+            if prediction and self._prediction_plugin is not None:
+                plugin, self._prediction_plugin = self._prediction_plugin, None
+                # Its outcome does not matter: the prediction job loads what is missing.
+                futures.wait([self._preloading])
+            else:
+                plugin = WorkerLossTolerantMultiProcPlugin(plugin_args=self.args)
         try:
             with progress.watching() if progress else contextlib.nullcontext():
                 workflow.run(plugin=plugin, plugin_args=self.args)

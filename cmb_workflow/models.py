@@ -432,3 +432,9 @@ def load_ensemble(json_path, *, allow_unverified: bool = False,
         LOGGER.info("loaded model fold %s", model_file.path)
     _ENSEMBLES[key] = ensemble = Ensemble(descriptor, folds)
     return ensemble
+
+
+def preload_ensemble(json_path, allow_unverified: bool = False) -> None:
+    """load_ensemble in a worker process that predicts later (Execution.prepare_prediction):
+    the folds stay loaded there; nothing goes back to the caller."""
+    load_ensemble(json_path, allow_unverified=allow_unverified)

@@ -148,18 +148,25 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
     if jobs:
         from .workflow.base import init_predict_study_wf, init_preprocess_study_wf
 
-        execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir), str(work_dir)),
-                      ("preprocessing", "handoff", labels))
-        prepared = read_handoffs(handoff_dir, jobs)
-        batches = _batches(jobs, prepared, config.predict_batch_size)
-        for name, batch in batches.items():
-            labels[name] = ", ".join(job.prefix for job in batch)
-            batch_of.update({job.node_name: name for job in batch})
-        if batches:
-            execution.run(init_predict_study_wf(batches, prepared, config, models[0],
-                                                str(out_dir), str(work_dir),
-                                                execution.predict_plugin_args, command_line),
-                          ("prediction and results", "write_derivatives", prepared))
+        execution.prepare_prediction(str(config.models), config.allow_unverified_models)
+        try:
+            execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir),
+                                                   str(work_dir)),
+                          ("preprocessing", "handoff", labels))
+            prepared = read_handoffs(handoff_dir, jobs)
+            batches = _batches(jobs, prepared, config.predict_batch_size)
+            for name, batch in batches.items():
+                labels[name] = ", ".join(job.prefix for job in batch)
+                batch_of.update({job.node_name: name for job in batch})
+            if batches:
+                execution.run(init_predict_study_wf(batches, prepared, config, models[0],
+                                                    str(out_dir), str(work_dir),
+                                                    execution.predict_plugin_args,
+                                                    command_line),
+                              ("prediction and results", "write_derivatives", prepared),
+                              prediction=True)
+        finally:
+            execution.release_prediction()
 
     rows = write_summary(out_dir, jobs, rejected, crash_dir, prepared, batch_of, config.models,
                          results_digest(config))

@@ -254,15 +254,18 @@ def test_bad_config_and_unwritable_out_give_one_line_and_exit_2(tmp_path, capsys
     assert status == 2 and err.count("\n") == 1 and "cannot write there" in err
 
 
-def forkserver_workers(pid: int) -> list:
-    """The MultiProc workers under process `pid`: the children of its forkserver."""
+def preprocessing_workers(pid: int) -> list:
+    """The MultiProc workers under process `pid` (the children of its forkserver) running a
+    preprocessing step (Nipype runs a step in its folder): not the prediction graph's worker,
+    which loads the models meanwhile."""
     import psutil
 
     workers = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
             if "multiprocessing.forkserver" in " ".join(child.cmdline()):
-                workers += child.children()
+                workers += [worker for worker in child.children()
+                            if f"{os.sep}preprocess{os.sep}" in worker.cwd()]
         except psutil.NoSuchProcess:
             pass
     return workers
@@ -287,7 +290,7 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_with_every_result(
                 assert time.monotonic() < deadline, "no MultiProc worker ran in 10 minutes"
                 # Midway through preprocessing, as the system's out-of-memory killer would.
                 if list((out / "work").glob("preprocess/*/conform/result_conform.pklz")):
-                    killed = next(iter(forkserver_workers(process.pid)), None)
+                    killed = next(iter(preprocessing_workers(process.pid)), None)
                 time.sleep(0.2)
             killed.kill()
             # Before, Nipype waited forever for the dead worker's step.
@@ -321,6 +324,41 @@ def test_multiproc_leaves_the_garbage_collector_as_it_found_it(tmp_path):
                             plugin_args=plugin_args)
     assert gc.get_freeze_count() == 0
     assert next(iter(finished.nodes())).result.outputs.doubled == 42
+
+
+def _ensembles_loaded_here():
+    import sys
+
+    models = sys.modules.get("cmb_workflow.models")
+    return len(models._ENSEMBLES) if models else 0
+
+
+def test_the_prediction_graph_runs_in_the_worker_that_loaded_the_models(savedmodel_models,
+                                                                         tmp_path):
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+    from nipype.utils.filemanip import loadpkl
+
+    from cmb_workflow.configs import load_config
+    from cmb_workflow.execution import Execution
+
+    execution = Execution(load_config(overrides={"plugin": "MultiProc", "nprocs": 2}),
+                          tmp_path / "jobs", {})
+    execution.start_workers()
+    # While the images are preprocessed, a worker of the next graph loads the models.
+    execution.prepare_prediction(str(savedmodel_models), False)
+
+    def ensembles_in_the_worker(name, prediction):
+        workflow = pe.Workflow(name, base_dir=str(tmp_path))
+        workflow.config["execution"]["crashdump_dir"] = str(tmp_path)
+        workflow.add_nodes([pe.Node(Function([], ["count"], _ensembles_loaded_here),
+                                    name="count")])
+        execution.run(workflow, prediction=prediction)
+        return loadpkl(tmp_path / name / "count" / "result_count.pklz").outputs.count
+
+    assert ensembles_in_the_worker("preprocess", prediction=False) == 0
+    assert ensembles_in_the_worker("predict", prediction=True) == 1
+    execution.release_prediction()  # nothing left to end: the graph used the worker
 
 
 @pytest.mark.slow
