@@ -113,9 +113,10 @@ class Execution:
                                                                allow_unverified)
 
     def release_prediction(self) -> None:
-        """End the worker prepare_prediction started if the prediction graph did not run."""
+        """Let the worker prepare_prediction started end if the prediction graph did not run;
+        not waiting for it, so that a stop (SIGTERM, SIGINT) goes on to stop_children at once."""
         if self._prediction_plugin is not None:
-            self._prediction_plugin.pool.shutdown()
+            self._prediction_plugin.pool.shutdown(wait=False)
             self._prediction_plugin = None
 
     @property
