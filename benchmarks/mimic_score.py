@@ -23,14 +23,13 @@ import numpy as np
 from machine import cpu_description
 from scipy import ndimage
 
-from cmb_workflow.configs import load_config
+from cmb_workflow.configs import MASK_INPUT, load_config
 from cmb_workflow.demo import demo_model_descriptor
 from cmb_workflow.evaluate import fp_per_scan_interval, wilson_interval
 from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.mimics import FEATURE_COLUMNS, score_lesions
 from cmb_workflow.models import load_ensemble
 from cmb_workflow.synthetic import STYLES, make_phantom
-from cmb_workflow.preprocessing import MASK_INPUT
 from cmb_workflow.training import DEMO_CONVENTION, lesion_target, phantom_model_input
 
 MIN_DIAMETER_MM = 3.0

@@ -1,11 +1,12 @@
-"""How a run executes its graphs: the Nipype plugin and its arguments, progress lines, the run
-log, the lock on OUT and the work folder, and a clean stop on SIGTERM / SIGINT."""
+"""How a run executes its graphs: the Nipype plugin and its arguments (the MultiProc plugin
+itself: multiproc.py), progress lines, the run log, the lock on OUT and the work folder, and a
+clean stop on SIGTERM / SIGINT. Imports no Nipype at its top, so that the command reaches
+Execution.start_workers before that second of imports."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import itertools
 import logging
 import multiprocessing
@@ -15,11 +16,7 @@ import socket
 import threading
 import time
 from concurrent import futures
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-
-from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
 
 from .configs import ConfigError, Settings
 from .slurm import SLURM_PLUGINS, SbatchArgs, cancel_jobs, prepare as prepare_slurm, wait_for_jobs
@@ -36,9 +33,6 @@ MULTIPROC_POLL_SECONDS = 0.1
 # it at the first registration, inside registration._ants): 0.3-0.9 s less in each worker.
 WORKER_PRELOAD = ["cmb_workflow.worker_logging", "cmb_workflow.workflow.base", "nilearn.datasets",
                   "ants"]
-# A step whose worker process died is started this many times in all before it fails: a dead
-# worker breaks the whole pool, so the steps running beside it die too through no fault of theirs.
-WORKER_LOSS_TRIES = 2
 # Seconds the workers get to end after SIGTERM before they are killed.
 WORKER_GRACE_SECONDS = 10
 # Seconds a shared RunLock waits for another shared holder to finish writing its name.
@@ -80,9 +74,10 @@ class Execution:
         self._preloading = None
 
     def start_workers(self) -> None:
-        """Start MultiProc's forkserver now, once the run log is named (configure_nipype: the
-        workers write there): it imports WORKER_PRELOAD, seconds, on a core of its own while
-        this process builds the graphs, instead of when the first step is sent out."""
+        """Start MultiProc's forkserver now, once the run log is named (name_run_log: the
+        workers write there) and before Nipype is imported here: it imports WORKER_PRELOAD,
+        seconds, on a core of its own while this process imports and builds the graphs, instead
+        of when the first step is sent out."""
         if self.plugin != "MultiProc":
             return
         from multiprocessing import forkserver
@@ -105,6 +100,7 @@ class Execution:
         if self.plugin != "MultiProc":
             return
         from .models import preload_ensemble
+        from .multiproc import WorkerLossTolerantMultiProcPlugin
 
         self._prediction_plugin = WorkerLossTolerantMultiProcPlugin(plugin_args=self.args)
         # The pool's first job starts its first worker. A job sent once it has ended goes to
@@ -139,6 +135,8 @@ class Execution:
             workflow.config["execution"]["poll_sleep_duration"] = MULTIPROC_POLL_SECONDS
         plugin = self.plugin
         if self.plugin == "MultiProc":
+            from .multiproc import WorkerLossTolerantMultiProcPlugin
+
             if prediction and self._prediction_plugin is not None:
                 plugin, self._prediction_plugin = self._prediction_plugin, None
                 # Its outcome does not matter: the prediction job loads what is missing.
@@ -158,84 +156,6 @@ class Execution:
             raise
         if self.plugin == "SLURMGraph":
             wait_for_jobs(self.sbatch.comment)
-
-
-class WorkerLossTolerantMultiProcPlugin(MultiProcPlugin):
-    """Nipype's MultiProc, except that a step whose worker process died (killed by the system,
-    out of memory, a crash in a library) ends instead of being waited for forever: Nipype's
-    callback raises on the broken pool, so the step would never finish and the run would hang.
-    The pool is replaced and every step it lost starts again, up to WORKER_LOSS_TRIES times in
-    all, then fails with the reason."""
-
-    def __init__(self, plugin_args=None):
-        super().__init__(plugin_args=plugin_args)
-        self._started: dict[int, tuple] = {}  # taskid -> (node, updatehash, tries)
-        self._lost: set[int] = set()
-        self._lost_lock = threading.Lock()
-
-    def run(self, graph, config, updatehash=False):
-        # Nipype runs a full gc.collect() at every poll while a core is free: over the graph's
-        # many objects that kept a third of a core busy beside the prediction job. The objects
-        # alive now live as long as the run: keep them out of the collector's scans.
-        gc.collect()
-        gc.freeze()
-        try:
-            return super().run(graph, config, updatehash=updatehash)
-        finally:
-            gc.unfreeze()
-
-    def _submit_job(self, node, updatehash=False):
-        self._taskid += 1
-        # As Nipype's: no streamed output from a worker.
-        if getattr(node.interface, "terminal_output", "") == "stream":
-            node.interface.terminal_output = "allatonce"
-        self._start(self._taskid, node, updatehash, 1)
-        return self._taskid
-
-    def _start(self, taskid, node, updatehash, tries):
-        self._started[taskid] = (node, updatehash, tries)
-        try:
-            future = self.pool.submit(run_node, node, updatehash, taskid)
-        except BrokenProcessPool:
-            self._replace_pool()
-            future = self.pool.submit(run_node, node, updatehash, taskid)
-        self._task_obj[taskid] = future
-        future.add_done_callback(lambda done: self._ended(taskid, done))
-
-    def _ended(self, taskid, future):
-        try:
-            self._taskresult[taskid] = future.result()
-        except BrokenProcessPool:
-            with self._lost_lock:
-                self._lost.add(taskid)
-
-    def _replace_pool(self):
-        self.pool.shutdown(wait=False)
-        self.pool = ProcessPoolExecutor(
-            max_workers=self.processors, initializer=process_initializer, initargs=(self._cwd,),
-            mp_context=multiprocessing.get_context(self.plugin_args.get("mp_context")))
-
-    def _get_result(self, taskid):
-        with self._lost_lock:
-            lost = taskid in self._lost
-            self._lost.discard(taskid)
-        if not lost:
-            return super()._get_result(taskid)
-        node, updatehash, tries = self._started[taskid]
-        if tries < WORKER_LOSS_TRIES:
-            LOGGER.warning("%s: its worker process ended abruptly; starting it again",
-                           node.fullname)
-            self._start(taskid, node, updatehash, tries + 1)
-            return None
-        # An exception's line, which the summary gives as the reason.
-        return {"result": None, "traceback": [
-            f"WorkerProcessError: {node.name}'s worker process ended abruptly {tries} times "
-            "(killed by the system, out of memory, a crash; or a script that runs cmb-workflow "
-            "when imported: guard its call with `if __name__ == \"__main__\":`)\n"]}
-
-    def _clear_task(self, taskid):
-        super()._clear_task(taskid)
-        self._started.pop(taskid, None)
 
 
 class Progress:
@@ -318,9 +238,26 @@ def unit_name(fullname: str) -> str:
     return fullname.split(".")[1]
 
 
-def configure_nipype(crash_dir: Path, log_dir: Path, name: str = "cmb-workflow") -> Path:
-    """Nipype's execution settings, and the run log (returned, `name`_<time>.log) that gets
-    Nipype's lines."""
+def name_run_log(log_dir: Path, name: str = "cmb-workflow") -> Path:
+    """A new, empty run log, `name`_<time>.log in log_dir, named in CMB_WORKFLOW_RUN_LOG for the
+    MultiProc workers (worker_logging: their forkserver, once started, reads it)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    # A second run started within the same second gets a log of its own.
+    for repeat in itertools.count(1):
+        log_file = log_dir / (f"{name}_{stamp}.log" if repeat == 1
+                              else f"{name}_{stamp}-{repeat}.log")
+        try:
+            log_file.touch(exist_ok=False)
+            break
+        except FileExistsError:
+            continue
+    os.environ["CMB_WORKFLOW_RUN_LOG"] = str(log_file)
+    return log_file
+
+
+def configure_nipype(crash_dir: Path, log_file: Path) -> None:
+    """Nipype's execution settings, and the run log (name_run_log) that gets Nipype's lines."""
     from nipype import config as nipype_config, logging as nipype_logging
 
     nipype_config.update_config({
@@ -339,16 +276,6 @@ def configure_nipype(crash_dir: Path, log_dir: Path, name: str = "cmb-workflow")
         if type(nipype_handler) is logging.StreamHandler:
             nipype_handler.setLevel(logging.CRITICAL)
     # A plain handler: Nipype's own log file uses a lock that forked MultiProc workers break.
-    log_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    log_file = log_dir / f"{name}_{stamp}.log"
-    # A second run started within the same second gets a log of its own.
-    for repeat in itertools.count(2):
-        if not log_file.exists():
-            break
-        log_file = log_dir / f"{name}_{stamp}-{repeat}.log"
-    # MultiProc workers log there too (worker_logging), when their forkserver starts now.
-    os.environ["CMB_WORKFLOW_RUN_LOG"] = str(log_file)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     for name in ("cmb_workflow", "cmb_workflow.crash", "nipype.workflow"):
@@ -361,7 +288,6 @@ def configure_nipype(crash_dir: Path, log_dir: Path, name: str = "cmb-workflow")
     handler.cmb_run_log = True
     # The run log gets the progress lines whatever the embedding program's root level is.
     LOGGER.setLevel(logging.INFO)
-    return log_file
 
 
 class RunLockedError(ConfigError):

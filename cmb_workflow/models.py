@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .configs import PRECISIONS
-from .preprocessing import CONVENTIONS
+from .configs import CONVENTIONS, PRECISIONS
 
 LOGGER = logging.getLogger("cmb_workflow.models")
 

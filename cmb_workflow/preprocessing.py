@@ -22,12 +22,6 @@ from scipy import ndimage, sparse
 from .imageops import (ImageError, bounding_box, centre_of_mass, conformed_grid, nifti_zeros,
                        resample)
 
-CONVENTIONS = ("shivai", "cmb-workflow-1")
-# What the model is fed, per convention: its input masked by the brain or not, and the floor
-# under which each fold's probability is set to 0 before the folds are averaged.
-MASK_INPUT = {"shivai": False, "cmb-workflow-1": True}
-PREDICTION_FLOOR = {"shivai": 0.001, "cmb-workflow-1": 0.0}
-
 # SHiVAi's conform: a 256³ grid of 1 mm; a scan whose voxels are already 1 mm is copied
 # (order 0) rather than interpolated. Its tolerance is 0; 1e-5 mm absorbs float32 rounding of
 # an oblique affine's column lengths.

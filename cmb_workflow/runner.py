@@ -11,14 +11,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .bids import find_images
-from .configs import ConfigError, Settings, results_digest, save_settings
-from .execution import (Execution, Interrupted, RunLock, configure_nipype, raise_on_signals,
-                        stop_children)
+from .configs import MASK_INPUT, ConfigError, Settings, results_digest, save_settings
+from .execution import (Execution, Interrupted, RunLock, configure_nipype, name_run_log,
+                        raise_on_signals, stop_children)
 from .models import read_descriptor, verify
-from .preprocessing import MASK_INPUT
 from .registry import model_provenance
 from .slurm import ARRAY_PLUGIN
-from .summary import write_dataset_description, write_summary
 
 LOGGER = logging.getLogger("cmb_workflow")
 
@@ -129,6 +127,12 @@ def make_folder(folder: Path) -> None:
 
 def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict],
                 config: Settings, execution: Execution, command_line: str) -> int:
+    log_file = name_run_log(out_dir / "logs")
+    execution.start_workers()
+    # Imported once the forkserver has started: Nipype and the step interfaces take about a
+    # second to import, which its own imports need not wait for.
+    from .summary import write_dataset_description, write_summary
+
     labels = execution.labels
     write_dataset_description(out_dir, models)
     crash_dir = work_dir / "crash"
@@ -136,8 +140,7 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
     handoff_dir = work_dir / "handoff"
     for folder in (crash_dir, handoff_dir):
         shutil.rmtree(folder, ignore_errors=True)
-    log_file = configure_nipype(crash_dir, out_dir / "logs")
-    execution.start_workers()
+    configure_nipype(crash_dir, log_file)
     save_settings(config, log_file.with_name(log_file.stem + "_settings.yml"))
 
     for job in jobs:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .bids import ImageJob
 from .configs import ConfigError, load_config, results_digest, save_settings
-from .execution import Execution, RunLock, configure_nipype
+from .execution import Execution, RunLock, configure_nipype, name_run_log
 from .imageops import write_text_atomic
 from .runner import make_folder, read_handoffs
 from .slurm import SbatchArgs, cancel_jobs, prepare as prepare_slurm, queue, submit as sbatch
@@ -156,7 +156,7 @@ def run_task(plan_file, phase: str, index: int | None) -> int:
         # The task's own crash folder: its failures are its images' reasons.
         crash_dir = work_dir / "crash" / plan["submission"] / name
         shutil.rmtree(crash_dir, ignore_errors=True)
-        configure_nipype(crash_dir, plan_dir, name=name)
+        configure_nipype(crash_dir, name_run_log(plan_dir, name))
         # The job's CPUs (--cpus-per-task): MultiProc on more than one.
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 1)
         task_config = config.replace(plugin="MultiProc" if cpus > 1 else "Linear", nprocs=cpus)

@@ -28,8 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .configs import Settings
-from .preprocessing import MASK_INPUT
+from .configs import MASK_INPUT, Settings
 
 LOGGER = logging.getLogger("cmb_workflow.training")
 

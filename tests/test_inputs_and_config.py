@@ -73,6 +73,14 @@ def test_config_layers_and_unknown_keys(tmp_path):
         load_config(user)
 
 
+@pytest.mark.parametrize("plugin, problem", [("NoSuchOne", "Nipype has no such plugin"),
+                                             ("SGEGraph", "returns before its jobs have run")])
+def test_a_plugin_outside_the_usual_ones_is_looked_up_in_nipype(plugin, problem):
+    with pytest.raises(ConfigError, match=problem):
+        load_config(overrides={"plugin": plugin})
+    assert load_config(overrides={"plugin": "SGE"}).plugin == "SGE"
+
+
 @pytest.mark.parametrize("key, value, allowed", [
     ("connectivity", 5, "one of 6, 18, 26"),
     ("interpolation", "x", "one of bspline, welch, linear"),

@@ -311,7 +311,7 @@ def test_multiproc_leaves_the_garbage_collector_as_it_found_it(tmp_path):
     from nipype.interfaces.utility import Function
     from nipype.pipeline import engine as pe
 
-    from cmb_workflow.execution import WorkerLossTolerantMultiProcPlugin
+    from cmb_workflow.multiproc import WorkerLossTolerantMultiProcPlugin
 
     workflow = pe.Workflow("doubling", base_dir=str(tmp_path))
     workflow.config["execution"]["crashdump_dir"] = str(tmp_path)  # not the current folder
@@ -324,6 +324,18 @@ def test_multiproc_leaves_the_garbage_collector_as_it_found_it(tmp_path):
                             plugin_args=plugin_args)
     assert gc.get_freeze_count() == 0
     assert next(iter(finished.nodes())).result.outputs.doubled == 42
+
+
+def test_the_command_reaches_the_forkserver_start_without_importing_nipype():
+    # MultiProc's forkserver imports Nipype and the steps (about 2 s) while the command imports
+    # them too: the command's own imports up to Execution.start_workers must stay light.
+    code = ("import sys\nfrom cmb_workflow import cli, configs, execution, runner\n"
+            "configs.load_config(overrides={'plugin': 'MultiProc'})\n"
+            "print(sorted(name for name in ('nipype', 'scipy', 'SimpleITK', 'tensorflow') "
+            "if name in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert imported == "[]"
 
 
 def _ensembles_loaded_here():

@@ -21,6 +21,12 @@ class ConfigError(ValueError):
 
 # The `precision` setting's values (models.bfloat16_candidate says what each does).
 PRECISIONS = ("auto", "float32", "bfloat16")
+# The `preprocessing` setting's values (preprocessing.py says what each does), and what the model
+# is fed per convention: its input masked by the brain or not, and the floor under which each
+# fold's probability is set to 0 before the folds are averaged.
+CONVENTIONS = ("shivai", "cmb-workflow-1")
+MASK_INPUT = {"shivai": False, "cmb-workflow-1": True}
+PREDICTION_FLOOR = {"shivai": 0.001, "cmb-workflow-1": 0.0}
 
 
 def setting(default, doc: str, *, kind: str = "", choices=(), minimum=None, maximum=None,
@@ -142,7 +148,7 @@ class Settings:
     preprocessing: str | None = setting(
         None, "how images are prepared for the model (docs/shivai.md): shivai (the SHIVA models' "
         "authors' pipeline) | cmb-workflow-1 (the demo model's); None: the model descriptor's "
-        "own, else shivai", kind="str", choices=("shivai", "cmb-workflow-1"), optional=True)
+        "own, else shivai", kind="str", choices=CONVENTIONS, optional=True)
     interpolation: str = setting("bspline", "cmb-workflow-1's conform kernel: bspline (cubic) | "
                                  "welch (windowed sinc, ~50x slower) | linear",
                                  choices=("bspline", "welch", "linear"))
@@ -351,12 +357,13 @@ def _bounds(meta: dict) -> str:
 
 
 def _check_plugin(name: str) -> None:
-    from nipype.pipeline import plugins
+    from ..slurm import ARRAY_PLUGIN, SLURM_PLUGINS
 
-    from ..slurm import ARRAY_PLUGIN
-
-    if name == ARRAY_PLUGIN:
+    # The plugins the runs are built around need no look-up in Nipype, whose import (a second)
+    # `run` makes only once MultiProc's forkserver has started.
+    if name in ("MultiProc", "Linear", *SLURM_PLUGINS, ARRAY_PLUGIN):
         return
+    from nipype.pipeline import plugins
     from nipype.pipeline.plugins.base import GraphPluginBase
 
     plugin_class = getattr(plugins, f"{name}Plugin", None)

@@ -10,9 +10,10 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObje
                                     SimpleInterface, TraitedSpec, isdefined, traits)
 from scipy import ndimage
 
+from ..configs import CONVENTIONS
 from ..imageops import (ImageError, bounding_box, fill_holes, largest_component, load_volume,
                         mask_to_sitk, nifti_zeros, read_mask)
-from ..preprocessing import CONVENTIONS, MASK_THRESHOLD, clean_mask, mask_onto_grid
+from ..preprocessing import MASK_THRESHOLD, clean_mask, mask_onto_grid
 from ..registration import mni152, warp_to_subject
 
 # Grown by this much, the template's mask keeps cortical microbleeds that a registration a

@@ -8,9 +8,10 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..configs import CONVENTIONS
 from ..imageops import ImageError, fill_holes, largest_component, resample
 from ..models import load_ensemble
-from ..preprocessing import CONVENTIONS, box_affine, crop_start, extract_box, normalize
+from ..preprocessing import box_affine, crop_start, extract_box, normalize
 
 THRESHOLD = 0.5
 

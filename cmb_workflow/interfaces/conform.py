@@ -7,9 +7,9 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     isdefined, traits)
 
-from ..configs import InputLimits
+from ..configs import CONVENTIONS, InputLimits
 from ..imageops import ImageError, WORK_IMAGE_SUFFIX, load_volume
-from ..preprocessing import CONVENTIONS, conform
+from ..preprocessing import conform
 
 
 class ConformInputSpec(BaseInterfaceInputSpec):

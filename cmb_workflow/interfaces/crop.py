@@ -8,8 +8,9 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..configs import CONVENTIONS
 from ..imageops import WORK_IMAGE_SUFFIX, read_mask
-from ..preprocessing import CONVENTIONS, box_affine, crop_start, extract_box
+from ..preprocessing import box_affine, crop_start, extract_box
 
 
 class CropToBrainInputSpec(BaseInterfaceInputSpec):

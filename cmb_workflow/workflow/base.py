@@ -4,9 +4,8 @@ preprocessing cannot stop the prediction of the other images of its batch."""
 
 from nipype.pipeline import engine as pe
 
-from ..configs import Settings
+from ..configs import PREDICTION_FLOOR, Settings
 from ..interfaces.predict import Predict
-from ..preprocessing import PREDICTION_FLOOR
 from .image import init_postprocess_wf, init_preprocess_wf
 
 # The graphs' folders in the work folder.
