@@ -247,11 +247,9 @@ def name_run_log(log_dir: Path, name: str = "cmb-workflow") -> Path:
     for repeat in itertools.count(1):
         log_file = log_dir / (f"{name}_{stamp}.log" if repeat == 1
                               else f"{name}_{stamp}-{repeat}.log")
-        try:
+        with contextlib.suppress(FileExistsError):
             log_file.touch(exist_ok=False)
             break
-        except FileExistsError:
-            continue
     os.environ["CMB_WORKFLOW_RUN_LOG"] = str(log_file)
     return log_file
 

@@ -326,6 +326,15 @@ def test_multiproc_leaves_the_garbage_collector_as_it_found_it(tmp_path):
     assert next(iter(finished.nodes())).result.outputs.doubled == 42
 
 
+def test_runs_started_in_the_same_second_get_run_logs_of_their_own(tmp_path, monkeypatch):
+    from cmb_workflow.execution import name_run_log
+
+    monkeypatch.delenv("CMB_WORKFLOW_RUN_LOG", raising=False)
+    logs = [name_run_log(tmp_path / "logs") for _ in range(3)]
+    assert len(set(logs)) == 3 and all(log.is_file() for log in logs)
+    assert os.environ["CMB_WORKFLOW_RUN_LOG"] == str(logs[-1])
+
+
 def test_the_command_reaches_the_forkserver_start_without_importing_nipype():
     # MultiProc's forkserver imports Nipype and the steps (about 2 s) while the command imports
     # them too: the command's own imports up to Execution.start_workers must stay light.
