@@ -151,7 +151,11 @@ def _run_locked(jobs, rejected, out_dir: Path, work_dir: Path, models: list[dict
     if jobs:
         from .workflow.base import init_predict_study_wf, init_preprocess_study_wf
 
-        execution.prepare_prediction(str(config.models), config.allow_unverified_models)
+        # No early model loading for a re-run whose batches were all predicted before: it would
+        # only wait for it (2.5 s on a finished 4-image study).
+        every = {job.node_name for job in jobs}
+        if not predicted_before(work_dir, _batches(jobs, every, config.predict_batch_size)):
+            execution.prepare_prediction(str(config.models), config.allow_unverified_models)
         try:
             execution.run(init_preprocess_study_wf(jobs, config, str(handoff_dir),
                                                    str(work_dir)),
@@ -187,8 +191,18 @@ def read_handoffs(handoff_dir: Path, jobs) -> dict[str, dict]:
             if (record := handoff_dir / f"{job.node_name}.json").exists()}
 
 
-def _batches(jobs, prepared: dict, size: int) -> dict[str, list]:
-    """Prediction batches: fixed slices of the image list, keeping the prepared images.
+def predicted_before(work_dir: Path, batches) -> bool:
+    """Whether every one of the prediction batches has a result in the work folder (Nipype then
+    reuses it unless its inputs changed)."""
+    from .workflow.base import WORK_GRAPHS
+
+    return all((work_dir / WORK_GRAPHS[1] / name / "predict" / "result_predict.pklz").exists()
+               for name in batches)
+
+
+def _batches(jobs, prepared, size: int) -> dict[str, list]:
+    """Prediction batches: fixed slices of the image list, keeping the prepared images
+    (`prepared` holds their node names).
 
     Fixed slices mean an image that fails preprocessing changes only its own batch, so the
     other batches' cached predictions stay valid when the run is repeated.

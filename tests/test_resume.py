@@ -11,6 +11,7 @@ import pytest
 from helpers import result_digests
 
 from cmb_workflow.cli import main
+from cmb_workflow.runner import predicted_before
 
 # Whole pipelines, registrations or full-size predictions: the full suite only.
 pytestmark = pytest.mark.slow
@@ -103,3 +104,9 @@ def test_sigterm_stops_every_worker_and_the_run_resumes_from_another_folder_with
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert result_digests(out) == result_digests(multiproc_run)
+
+
+def test_a_finished_study_is_seen_as_predicted_and_a_new_batch_is_not(multiproc_run):
+    # The study's images fit one batch; a re-run then loads no model ahead of preprocessing.
+    assert predicted_before(multiproc_run / "work", ["batch_0000"])
+    assert not predicted_before(multiproc_run / "work", ["batch_0000", "batch_0001"])
