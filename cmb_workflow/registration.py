@@ -184,7 +184,9 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
     images = {
         "subject_mask": (MASK_STAGE_MM, nib.Nifti1Image(rough.astype(np.uint8), affine)),
         "template_mask": (MASK_STAGE_MM, "brain_mask"),
-        "subject": (IMAGE_STAGE_MM, nib.Nifti1Image(np.asarray(img.dataobj[box]), affine)),
+        # Sliced from the whole array (memory-mapped for the conformed .nii): slicing the
+        # image's proxy read the box from the file in ~47,000 pieces, 0.12 s.
+        "subject": (IMAGE_STAGE_MM, nib.Nifti1Image(np.asarray(img.dataobj)[box], affine)),
         "template": (IMAGE_STAGE_MM, "t1"),
         "metric_mask": (IMAGE_STAGE_MM, nib.Nifti1Image(metric_mask.astype(np.uint8), affine)),
     }
