@@ -191,6 +191,10 @@ def import_tensorflow():
     # instead of 0.64 s, with outputs within 2e-6 (docs/performance.md). Same kernels on every
     # CPU, unless the user set it.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    # On a GPU TensorFlow takes nearly all of its memory at the first use, so a second
+    # prediction job on the same GPU (MultiProc with several batches) would find none left: it
+    # takes what it needs instead, unless the user set it.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     # TensorFlow's native start-up lines (CUDA probing on a host without a GPU, CPU features)
     # bypass Python's logging: during a run they go to the run log unless --verbose.
     run_log = os.environ.get("CMB_WORKFLOW_RUN_LOG")
