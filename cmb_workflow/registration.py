@@ -6,7 +6,9 @@ contrast is T1's, so the intensity stage uses mutual information, which needs no
 relation between the template's and the subject's (SWI / T2*-GRE) grey levels. Mutual
 information alone can settle on a wrong alignment when it starts far off, so an intensity-based
 brain mask of the subject first aligns the template's brain mask to it (a similarity
-transform), and the affine stage then refines that with the image, measured near the brain only.
+transform), and the affine stage then refines that with the image, measured near the brain only
+and divided by the brain's local mean, so that a bias field or bright tissue beside the brain does not
+draw the template off it.
 
 Registration is deterministic: a fixed seed for ANTs' metric sampling and one ITK thread, so
 that the result does not depend on the machine's core count.
@@ -48,6 +50,13 @@ METRIC_MARGIN_MM = 5
 # Background kept around the metric's reach: the masks' stage compares the whole grid, so the
 # template's brain must still be seen where it overlaps no brain.
 BOX_MARGIN_MM = 16
+# The image stage sees the subject divided by its brain's mean within this distance (a
+# Gaussian's sigma): median / worst Dice of 14 standard phantoms 0.9712 / 0.9642 -> 0.9761 /
+# 0.9719, of 14 contrast-c ones 0.9715 / 0.8016 -> 0.9754 / 0.9604 (docs/performance.md).
+LOCAL_MEAN_MM = 20.0
+# Where the local mean is this small a part of the image's median one (the field of view's
+# zeros), the image is divided by this instead.
+LEAST_LOCAL_MEAN = 0.05
 TRANSFORM_PREFIX = "template_to_subject_"
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearestNeighbor": sitk.sitkNearestNeighbor}
 
@@ -182,24 +191,25 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
     metric_mask = ndimage.binary_dilation(rough, iterations=METRIC_MARGIN_MM)
     affine = box_affine(img.affine, [part.start for part in box])
     images = {
-        "subject_mask": (MASK_STAGE_MM, nib.Nifti1Image(rough.astype(np.uint8), affine)),
-        "template_mask": (MASK_STAGE_MM, "brain_mask"),
-        # Sliced from the whole array (memory-mapped for the conformed .nii): slicing the
-        # image's proxy read the box from the file in ~47,000 pieces, 0.12 s.
-        "subject": (IMAGE_STAGE_MM, nib.Nifti1Image(np.asarray(img.dataobj)[box], affine)),
-        "template": (IMAGE_STAGE_MM, "t1"),
-        "metric_mask": (IMAGE_STAGE_MM, nib.Nifti1Image(metric_mask.astype(np.uint8), affine)),
+        "subject_mask": _on_grid(nib.Nifti1Image(rough.astype(np.uint8), affine), MASK_STAGE_MM),
+        "template_mask": _resampled_template("brain_mask", MASK_STAGE_MM),
+        "metric_mask": _on_grid(nib.Nifti1Image(metric_mask.astype(np.uint8), affine),
+                                IMAGE_STAGE_MM, nearest=True),
+        "template": _resampled_template("t1", IMAGE_STAGE_MM),
     }
+    # Sliced from the whole array (memory-mapped for the conformed .nii): slicing the image's
+    # proxy read the box from the file in ~47,000 pieces, 0.12 s.
+    subject = _on_grid(nib.Nifti1Image(np.asarray(img.dataobj)[box], affine), IMAGE_STAGE_MM)
+    brain = _on_grid(nib.Nifti1Image(rough.astype(np.uint8), affine), IMAGE_STAGE_MM,
+                     nearest=True)
+    images["subject"] = divided_by_local_mean(subject, brain, images["metric_mask"])
     prefix = out_dir / TRANSFORM_PREFIX
     # ANTs' inputs are read once and then deleted, so they are written uncompressed (gzip took
     # longer than the writing).
     with tempfile.TemporaryDirectory(dir=out_dir) as inputs:
-        files = {}
-        for name, (mm, image) in images.items():
-            files[name] = Path(inputs) / f"{name}.nii"
-            resampled = _resampled_template(image, mm) if isinstance(image, str) else \
-                _on_grid(image, mm, nearest=name == "metric_mask")
-            sitk.WriteImage(resampled, str(files[name]))
+        files = {name: Path(inputs) / f"{name}.nii" for name in images}
+        for name, image in images.items():
+            sitk.WriteImage(image, str(files[name]))
         _register(prefix, files)
     return [f"{prefix}0GenericAffine.mat"]
 
@@ -234,6 +244,26 @@ def _register(prefix: Path, files: dict) -> None:
             "--metric", f"MI[{files['subject']},{files['template']},1,32,Regular,0.1]",
             *image_levels, "--masks", f"[{files['metric_mask']},NA]",
         ], moving=None)
+
+
+def divided_by_local_mean(image: sitk.Image, brain: sitk.Image, region: sitk.Image) -> sitk.Image:
+    """`image` divided, inside the mask `region`, by the mean of its `brain` voxels near each
+    voxel (Gaussian weights of LOCAL_MEAN_MM) relative to that mean's median: a bias field and
+    the brightness of neighbouring tissue flattened, the image's scale kept. The masks are on
+    the image's grid; the mean is the brain's alone, so that dark skull beside it does not
+    brighten the brain's edge."""
+    values = sitk.GetArrayFromImage(image)
+    in_brain = sitk.GetArrayViewFromImage(brain) > 0.5
+    inside = sitk.GetArrayViewFromImage(region) > 0.5
+    sigma = LOCAL_MEAN_MM / np.array(image.GetSpacing()[::-1])  # the array's axes are reversed
+    weights = ndimage.gaussian_filter(in_brain.astype(np.float32), sigma)
+    local_mean = ndimage.gaussian_filter(np.where(in_brain, values, np.float32(0)), sigma)
+    local_mean = local_mean[inside] / np.maximum(weights[inside], np.float32(1e-3))
+    local_mean /= np.median(local_mean)
+    values[inside] /= np.maximum(local_mean, np.float32(LEAST_LOCAL_MEAN))
+    flattened = sitk.GetImageFromArray(values)
+    flattened.CopyInformation(image)
+    return flattened
 
 
 @functools.lru_cache(maxsize=None)

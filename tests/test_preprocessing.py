@@ -12,7 +12,8 @@ from cmb_workflow.interfaces.lesions import label_lesions
 from cmb_workflow.preprocessing import (_cubic_along_axes, _input_axes, clean_mask, conform,
                                         correct_affine, crop_start, deface, extract_box,
                                         mask_onto_grid, normalize)
-from cmb_workflow.registration import intensity_brain_mask, otsu_threshold
+from cmb_workflow.registration import (divided_by_local_mean, intensity_brain_mask,
+                                       otsu_threshold)
 
 
 @pytest.mark.parametrize("axcodes,rotation", [("RAS", (0, 0, 0)), ("LPS", (12, -5, 7)),
@@ -281,3 +282,26 @@ def test_an_image_of_one_value_has_no_head_to_register(value):
     assert otsu_threshold(np.asarray(img.dataobj)) == value
     with pytest.raises(ImageError, match="no head found"):
         intensity_brain_mask(img)
+
+
+def test_registration_sees_the_image_without_its_bias_inside_the_metric_mask():
+    """A twofold bias across a head-sized ball of one tissue (2 mm voxels, 140 mm across) is
+    flattened; the dark skull around it, inside the metric's mask, does not brighten the brain's
+    edge; outside the mask the image is left as it is; the scale is kept."""
+    grid = np.indices((90, 90, 90)).astype(np.float32)
+    bias = 1.0 + grid[0] / 89.0  # 1 on one side, 2 on the other
+    radius = np.linalg.norm(grid - 44.5, axis=0)
+    brain, region = radius < 35, radius < 40
+    image = np.where(brain, 300, np.where(region, 20, 40)) * np.where(region, bias, 1)
+
+    def on_grid(array):
+        itk = sitk.GetImageFromArray(array.astype(np.float32))
+        itk.SetSpacing((2.0, 2.0, 2.0))
+        return itk
+
+    flat = sitk.GetArrayFromImage(divided_by_local_mean(on_grid(image), on_grid(brain),
+                                                        on_grid(region)))
+    assert flat[brain].max() / flat[brain].min() < 1.2
+    assert np.median(flat[brain]) == pytest.approx(np.median(image[brain]), rel=0.01)
+    assert flat[region & ~brain].max() < 0.1 * flat[brain].min()
+    assert (flat[~region] == 40).all()
