@@ -150,7 +150,7 @@ def unbiased_foreground(values: np.ndarray, zooms, extra_zeros: int) -> np.ndarr
                                      foreground)
     threshold = otsu_threshold(coarse / local_mean, extra_zeros=coarse_zeros)
     # Each voxel takes the mean of its nearest coarse voxel: the mean varies over tens of
-    # millimetres, and interpolating it costs a third of a second more.
+    # millimetres, and interpolating it costs over half a second more.
     nearest = np.ix_(*[np.minimum((np.arange(n) + k // 2) // k, m - 1)
                        for n, k, m in zip(values.shape, step, coarse.shape)])
     return values > threshold * local_mean[nearest]
