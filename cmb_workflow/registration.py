@@ -57,12 +57,6 @@ LOCAL_MEAN_MM = 20.0
 # Where the local mean is this small a part of the image's median one (the field of view's
 # zeros), the image is divided by this instead.
 LEAST_LOCAL_MEAN = 0.05
-# The intensity mask's bias: the local mean of a first foreground, a Gaussian of BIAS_MM
-# (a bias field varies over tens of mm), estimated on a BIAS_GRID_MM grid. Median / worst Dice of
-# the template masks of 14 contrast-b phantoms (a strong bias) 0.9553 / 0.8137 -> 0.9655 / 0.9396
-# (docs/performance.md).
-BIAS_MM = 30.0
-BIAS_GRID_MM = 4.0
 TRANSFORM_PREFIX = "template_to_subject_"
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearestNeighbor": sitk.sitkNearestNeighbor}
 
@@ -87,8 +81,7 @@ def mni152(kind: str) -> nib.Nifti1Image:
 
 
 def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
-    """Otsu foreground (a bias field divided out first), opened to cut the brain off skull and
-    scalp, largest component.
+    """Otsu foreground, opened to cut the brain off skull and scalp, largest component.
 
     A rough mask (it keeps the CSF around the brain): it starts the template registration.
     """
@@ -105,9 +98,9 @@ def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
     smoothed = ndimage.gaussian_filter(
         np.ascontiguousarray(data[fov].T),
         SMOOTHING_MM / nib.affines.voxel_sizes(img.affine)[::-1], mode="nearest")
+    threshold = otsu_threshold(smoothed, extra_zeros=data.size - smoothed.size)
     foreground = np.zeros(data.shape, bool)
-    foreground[fov] = unbiased_foreground(smoothed, nib.affines.voxel_sizes(img.affine)[::-1],
-                                          extra_zeros=data.size - smoothed.size).T
+    foreground[fov] = smoothed.T > threshold
     # The morphology below runs on the head's box (a 256^3 grid is mostly air): the box keeps
     # FOV_PAD voxels of air around the head, more than the morphology reaches, so the mask is
     # the one the whole grid gives.
@@ -130,30 +123,6 @@ def intensity_brain_mask(img: nib.Nifti1Image) -> np.ndarray:
         raise ImageError(f"no head found to start the template registration from (its largest "
                          f"bright part is {mask.sum()} voxels, too small for a brain)")
     return mask
-
-
-def unbiased_foreground(values: np.ndarray, zooms, extra_zeros: int) -> np.ndarray:
-    """The voxels above Otsu's threshold once `values` are divided by the local mean (Gaussian
-    of BIAS_MM) of a first Otsu foreground: a bias field that darkens one side of the head no
-    longer drops that side's brain under the threshold. Both thresholds and the mean are
-    computed on a BIAS_GRID_MM grid; `extra_zeros` more zeros lie beyond `values`."""
-    step = np.maximum(1, np.round(BIAS_GRID_MM / np.asarray(zooms)).astype(int))
-    coarse = values[tuple(slice(None, None, k) for k in step)]
-    coarse_zeros = extra_zeros * coarse.size // values.size
-    threshold = otsu_threshold(coarse, extra_zeros=coarse_zeros)
-    foreground = coarse > threshold
-    if not foreground.any():  # an image of one value: no head, and no bias to estimate
-        return values > threshold
-    # One pass only: a second one takes what the first let in (the neck, say) into the mean,
-    # flattens it too and lets it into the mask.
-    local_mean = relative_local_mean(coarse, foreground, BIAS_MM / (np.asarray(zooms) * step),
-                                     foreground)
-    threshold = otsu_threshold(coarse / local_mean, extra_zeros=coarse_zeros)
-    # Each voxel takes the mean of its nearest coarse voxel: the mean varies over tens of
-    # millimetres, and interpolating it costs over half a second more.
-    nearest = np.ix_(*[np.minimum((np.arange(n) + k // 2) // k, m - 1)
-                       for n, k, m in zip(values.shape, step, coarse.shape)])
-    return values > threshold * local_mean[nearest]
 
 
 def otsu_threshold(values: np.ndarray, extra_zeros: int = 0) -> float:
@@ -277,17 +246,6 @@ def _register(prefix: Path, files: dict) -> None:
         ], moving=None)
 
 
-def relative_local_mean(values: np.ndarray, within: np.ndarray, sigma, median_over: np.ndarray):
-    """The mean of `values` over the voxels `within` near each voxel (Gaussian weights of `sigma`
-    voxels: a normalised convolution), relative to its median over `median_over`, and at least
-    LEAST_LOCAL_MEAN."""
-    weights = ndimage.gaussian_filter(within.astype(np.float32), sigma)
-    local_mean = ndimage.gaussian_filter(np.where(within, values, np.float32(0)), sigma)
-    local_mean /= np.maximum(weights, np.float32(1e-3))
-    return np.maximum(local_mean / np.median(local_mean[median_over]),
-                      np.float32(LEAST_LOCAL_MEAN))
-
-
 def divided_by_local_mean(image: sitk.Image, brain: sitk.Image, region: sitk.Image) -> sitk.Image:
     """`image` divided, inside the mask `region`, by the mean of its `brain` voxels near each
     voxel (Gaussian weights of LOCAL_MEAN_MM) relative to that mean's median: a bias field and
@@ -295,10 +253,14 @@ def divided_by_local_mean(image: sitk.Image, brain: sitk.Image, region: sitk.Ima
     the image's grid; the mean is the brain's alone, so that dark skull beside it does not
     brighten the brain's edge."""
     values = sitk.GetArrayFromImage(image)
+    in_brain = sitk.GetArrayViewFromImage(brain) > 0.5
     inside = sitk.GetArrayViewFromImage(region) > 0.5
     sigma = LOCAL_MEAN_MM / np.array(image.GetSpacing()[::-1])  # the array's axes are reversed
-    values[inside] /= relative_local_mean(values, sitk.GetArrayViewFromImage(brain) > 0.5,
-                                          sigma, inside)[inside]
+    weights = ndimage.gaussian_filter(in_brain.astype(np.float32), sigma)
+    local_mean = ndimage.gaussian_filter(np.where(in_brain, values, np.float32(0)), sigma)
+    local_mean = local_mean[inside] / np.maximum(weights[inside], np.float32(1e-3))
+    local_mean /= np.median(local_mean)
+    values[inside] /= np.maximum(local_mean, np.float32(LEAST_LOCAL_MEAN))
     flattened = sitk.GetImageFromArray(values)
     flattened.CopyInformation(image)
     return flattened
