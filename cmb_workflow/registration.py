@@ -7,8 +7,8 @@ relation between the template's and the subject's (SWI / T2*-GRE) grey levels. M
 information alone can settle on a wrong alignment when it starts far off, so an intensity-based
 brain mask of the subject first aligns the template's brain mask to it (a similarity
 transform), and the affine stage then refines that with the image, measured near the brain only
-and divided by the brain's local mean, so that a bias field or bright tissue beside the brain does not
-draw the template off it.
+and divided by the brain's local mean, so that a bias field or bright tissue beside the brain
+does not draw the template off it.
 
 Registration is deterministic: a fixed seed for ANTs' metric sampling and one ITK thread, so
 that the result does not depend on the machine's core count.
@@ -190,8 +190,9 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
     rough = rough[box]
     metric_mask = ndimage.binary_dilation(rough, iterations=METRIC_MARGIN_MM)
     affine = box_affine(img.affine, [part.start for part in box])
+    rough_img = nib.Nifti1Image(rough.astype(np.uint8), affine)
     images = {
-        "subject_mask": _on_grid(nib.Nifti1Image(rough.astype(np.uint8), affine), MASK_STAGE_MM),
+        "subject_mask": _on_grid(rough_img, MASK_STAGE_MM),
         "template_mask": _resampled_template("brain_mask", MASK_STAGE_MM),
         "metric_mask": _on_grid(nib.Nifti1Image(metric_mask.astype(np.uint8), affine),
                                 IMAGE_STAGE_MM, nearest=True),
@@ -200,8 +201,7 @@ def register_template(img: nib.Nifti1Image, rough: np.ndarray, out_dir) -> list[
     # Sliced from the whole array (memory-mapped for the conformed .nii): slicing the image's
     # proxy read the box from the file in ~47,000 pieces, 0.12 s.
     subject = _on_grid(nib.Nifti1Image(np.asarray(img.dataobj)[box], affine), IMAGE_STAGE_MM)
-    brain = _on_grid(nib.Nifti1Image(rough.astype(np.uint8), affine), IMAGE_STAGE_MM,
-                     nearest=True)
+    brain = _on_grid(rough_img, IMAGE_STAGE_MM, nearest=True)
     images["subject"] = divided_by_local_mean(subject, brain, images["metric_mask"])
     prefix = out_dir / TRANSFORM_PREFIX
     # ANTs' inputs are read once and then deleted, so they are written uncompressed (gzip took
